@@ -80,11 +80,18 @@ def save_checkpoint(model: RCMed, folder: str | Path, include: tuple[str, ...] =
         os.close(fd)
         try:
             writer(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; weights are shared files
             os.replace(tmp, folder / name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(folder: str | Path) -> RCMedConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -65,9 +66,24 @@ def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (target / "config.json").is_file():
                 raise
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(str(target))
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(target))
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bars; the engine reports its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _random_llama(cfg: LanguageModelConfig, vocab_size: int) -> PreTrainedModel:
