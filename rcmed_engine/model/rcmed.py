@@ -136,6 +136,29 @@ class RCMed(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)
 
+    def _run_prefix(self, embeds: torch.Tensor, n_text: int) -> tuple[object, int]:
+        """The language model on the prefix embeddings; returns its output and how many leading positions
+        it skipped (their keys/values are in the output's cache, their hidden states are not returned).
+
+        With ``share_text_prefix`` (set by fast_path.enable_fast_path) the text before the image, the
+        same for every slice, runs once and its keys/values are reused by every later batch: causal
+        attention makes them independent of the image.
+        """
+        lm = self.language_model.model
+        if not getattr(self, "share_text_prefix", False) or n_text == 0:
+            return lm(inputs_embeds=embeds, use_cache=True), 0
+        weight = self.language_model.get_input_embeddings().weight
+        key = (embeds.device, embeds.dtype, n_text, weight.data_ptr(), weight._version)
+        cached = getattr(self, "_text_prefix_kv", None)
+        if cached is None or cached[0] != key:
+            out = lm(inputs_embeds=embeds[:1, :n_text], use_cache=True)
+            cached = (key, [(layer.keys, layer.values) for layer in out.cache.layers])
+            self._text_prefix_kv = cached
+        b = embeds.shape[0]
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                                             for k, v in cached[1]])
+        return lm(inputs_embeds=embeds[:, n_text:], cache=cache, use_cache=True), n_text
+
     def _split_prefix_ids(self) -> tuple[list[int], list[int]]:
         """Ids before and after the image in the prompt-free prefix.
 
@@ -207,26 +230,29 @@ class RCMed(nn.Module):
         return self.vl_projection(features.pre_neck)
 
     def prefix(self, features: ImageFeatures) -> PrefixState:
-        """Run the prompt-free prefix for B slices (one language-model pass)."""
+        """Run the prompt-free prefix for B slices.
+
+        The text before the image is the same for every slice: it runs once and its keys/values are
+        shared by the batch; then the image tokens and the text after them run for all B slices.
+        """
         pre_a, pre_b = self._prefix_ids
         b = features.neck.shape[0]
         dev = self.device
         image_tokens = self._image_token_embeds(features)
+        head = self.language_model.model(inputs_embeds=self._embed(torch.tensor(pre_a, device=dev))[None],
+                                         use_cache=True)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
+                                             for layer in head.cache.layers])
         embeds = torch.cat(
-            [
-                self._embed(torch.tensor(pre_a, device=dev)).unsqueeze(0).expand(b, -1, -1),
-                image_tokens,
-                self._embed(torch.tensor(pre_b, device=dev)).unsqueeze(0).expand(b, -1, -1),
-            ],
-            dim=1,
+            [image_tokens, self._embed(torch.tensor(pre_b, device=dev)).unsqueeze(0).expand(b, -1, -1)], dim=1
         )
-        out = self.language_model.model(inputs_embeds=embeds, use_cache=True)
+        out = self.language_model.model(inputs_embeds=embeds, cache=cache, use_cache=True)
         hidden = out.last_hidden_state  # after the final norm, as the released model reads it
         n_img = image_tokens.shape[1]
-        lv = self.lv_projection(hidden[:, len(pre_a):len(pre_a) + n_img])
+        lv = self.lv_projection(hidden[:, :n_img])
         image_embedding = features.neck + lv_to_grid(lv, self.config.vl_grid, self.embedding_size).to(features.neck)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-        return PrefixState(kv=kv, image_embedding=image_embedding, length=embeds.shape[1])
+        return PrefixState(kv=kv, image_embedding=image_embedding, length=len(pre_a) + embeds.shape[1])
 
     def suffix(self, prefix: PrefixState, plan: PromptPlan) -> SliceOutput:
         """Run a prompt's rows on B cached prefixes; returns mask logits and presence for each target."""
