@@ -15,7 +15,7 @@ import types
 
 
 def _import_modeling() -> types.ModuleType:
-    if "segment_anything.modeling" in sys.modules:
+    if "segment_anything.modeling" in sys.modules and "segment_anything" in sys.modules:
         return sys.modules["segment_anything.modeling"]
     if importlib.util.find_spec("torchvision") is not None:
         return importlib.import_module("segment_anything.modeling")
@@ -26,6 +26,10 @@ def _import_modeling() -> types.ModuleType:
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
     package.__file__ = spec.origin
+    # An earlier failed import can leave submodules behind without their parent: attach them.
+    for name, module in list(sys.modules.items()):
+        if name.startswith("segment_anything.") and name.count(".") == 1:
+            setattr(package, name.split(".", 1)[1], module)
     sys.modules["segment_anything"] = package
     try:
         return importlib.import_module("segment_anything.modeling")
