@@ -65,10 +65,12 @@ def syre7b_config() -> RCMedConfig:
     return RCMedConfig(
         preset="syre-7b",
         image_encoder=ImageEncoderConfig(kind="vit"),
-        language_model=LanguageModelConfig(source="local", vocab_size=32000, use_lora=False),
+        language_model=LanguageModelConfig(source="local", vocab_size=32007, use_lora=False),
         prompt=PromptConfig(channel_order="bgr"),
         vl_grid=32,
         vl_pool="bilinear",
+        presence_threshold=0.0,  # no gating: the released model's masks (SYRE_SPEC §3.10)
+        trained=True,
     )
 
 
@@ -116,14 +118,13 @@ def _lite(weights: str | Path | None, dtype: torch.dtype) -> LoadedModel:
 
 
 def _syre7b(weights: str | Path | None, dtype: torch.dtype) -> LoadedModel:
+    """The released McGregorW/SyRe weights: the released folder itself or one `rcmed convert-syre` wrote."""
     if weights is None:
         raise ValueError("the syre-7b preset needs --weights DIR: a folder with the released McGregorW/SyRe "
-                         "weights (convert it once with `rcmed convert-syre SRC DST`)")
-    folder = Path(weights)
-    config = read_config(folder)
-    model = build_model(config, lm_folder=folder / "language_model", dtype=dtype)
-    report = load_checkpoint(model, folder, require_parts=True)
-    return LoadedModel(model, str(folder), report)
+                         "weights, as downloaded or as converted once by `rcmed convert-syre SRC DST`")
+    from .syre import load_syre
+
+    return load_syre(weights, dtype)
 
 
 BUILDERS: dict[str, Callable[[str | Path | None, torch.dtype], LoadedModel]] = {
