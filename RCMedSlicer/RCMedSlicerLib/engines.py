@@ -166,7 +166,8 @@ def supports_otfa(engine: Any) -> bool:
     return callable(getattr(engine, "register_class", None))
 
 
-def register_class(engine: Any, volume: Any, mask: Any, name: str, axis: str, slice_index: int) -> Any:
+def register_class(engine: Any, volume: Any, mask: Any, name: str, axis: str, slice_index: int,
+                   modality: str | None = None) -> Any:
     """Learn ``name`` from ``mask`` on one slice (one-shot adaptation), on a local or a remote engine.
 
     The slice is passed under the keyword the engine's ``register_class`` declares (``slice_index`` or
@@ -180,6 +181,8 @@ def register_class(engine: Any, volume: Any, mask: Any, name: str, axis: str, sl
     except (TypeError, ValueError):
         params = {}
     kwargs: dict[str, Any] = {"axis": axis}
+    if modality and (not params or "modality" in params):
+        kwargs["modality"] = modality
     if "slice_index" in params:
         kwargs["slice_index"] = int(slice_index)
     elif "slice" in params:

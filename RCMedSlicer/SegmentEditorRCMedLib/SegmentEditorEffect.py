@@ -338,9 +338,11 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
             self.statusLabel.text = f"Cannot learn: {exc}"
             return
         logic = self.logic
+        modality = self.modalityComboBox.currentText
 
         def work(progress, cancel):
-            return engines.register_class(logic.engine(spec), volume, mask, name, pick.plane, pick.index)
+            return engines.register_class(logic.engine(spec), volume, mask, name, pick.plane, pick.index,
+                                          modality=modality)
 
         self._pending = ("learn", name, pick)
         self.statusLabel.text = f"Learning '{name}' from {pick.plane} slice {pick.index}..."

@@ -316,8 +316,6 @@ def test_register_class_adapts_to_the_engine_keyword():
         engines.register_class(FakeEngine(None), "v", "m", "blob", "axial", 0)
 
 
-@pytest.mark.xfail(strict=False, reason="rcmed_engine.client imports rcmed_engine.engine, hence torch, at import "
-                   "time; the torch-free 'remote only' install needs the client to import without torch")
 def test_remote_client_imports_without_torch():
     """Statically: the modules rcmed_engine.client imports at module level (transitively) never import torch."""
     import ast

@@ -1,0 +1,345 @@
+"""rcmed_training: the data reader, prepare-builtin's no-leak split, CRD, losses, fit, DDP sync and resume.
+
+All on the ``tiny`` preset and small synthetic or cropped data; each test is time-boxed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rcmed_engine.geometry import to_slices
+from rcmed_engine.io import read_image
+from rcmed_engine.preprocess import intensity_window, plan_resize, prepare_slices, to_uint8_rgb
+from rcmed_training.crd import (DescriberError, DescriptionCache, GeometricDescriber, VLMDescriber,
+                                render_overlay)
+from rcmed_training.data import LabelledVolumes, TripletSampler, mask_to_frame
+from rcmed_training.losses import LossWeights, rcmed_loss
+from rcmed_training.trainer import TrainConfig, Trainer, param_digest
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def make_synthetic(root: Path, n_tr: int = 2, n_ts: int = 1, shape=(10, 36, 44), seed: int = 0) -> Path:
+    """A small nnU-Net v2 raw data set: an ellipsoid "ball" (1) and a "box" (2) in noise, 2 mm slices."""
+    rng = np.random.default_rng(seed)
+    for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    z, y, x = shape
+    zz, yy, xx = np.mgrid[:z, :y, :x]
+    ball = (zz - z / 2) ** 2 / 9 + (yy - 12) ** 2 / 36 + (xx - 12) ** 2 / 36 <= 1
+    box = (zz >= 2) & (zz < 7) & (yy >= 22) & (yy < 32) & (xx >= 28) & (xx < 40)
+    for split, n in (("Tr", n_tr), ("Ts", n_ts)):
+        for i in range(n):
+            img = rng.normal(50, 10, shape).astype(np.float32)
+            lab = np.zeros(shape, np.uint8)
+            lab[ball], lab[box] = 1, 2
+            img[ball] += 100
+            img[box] += 60
+            for a, name in ((img, f"images{split}/c{split}{i}_0000.nii.gz"), (lab, f"labels{split}/c{split}{i}.nii.gz")):
+                im = sitk.GetImageFromArray(a)
+                im.SetSpacing((1.0, 1.0, 2.0))
+                sitk.WriteImage(im, str(root / name))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "file_ending": ".nii.gz",
+                                                   "labels": {"background": 0, "ball": 1, "box": 2}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synth"))
+
+
+def tiny_cfg(root: Path, out: Path, **over) -> TrainConfig:
+    d = {"data": {"root": str(root), "axes": ["axial", "coronal"], "val_slices": 4},
+         "model": {"preset": "tiny", "cache_features": False},
+         "optim": {"lr": 1e-3, "batch_size": 2, "warmup_steps": 2, "total_steps": 6},
+         "run": {"out": str(out), "val_every": 0, "save_every": 0, "threads": 1}}
+    for dotted, v in over.items():
+        sec, key = dotted.split(".")
+        d[sec][key] = v
+    return TrainConfig.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------- reader
+def test_reader_slices_like_the_engine(synth):
+    data = LabelledVolumes(synth, "Tr", ("axial", "coronal", "sagittal"))
+    z, y, x = 10, 36, 44
+    assert len(data) == 2 * (z + y + x)
+    assert data.modality_text == "magnetic resonance"
+    ref = next(r for r in data.slices if r.axis == "coronal" and "ball" in r.present)
+    pixels, lab, plan, rgb = data.prepare(ref, 64, (0, 0, 0), (1, 1, 1), False)
+    # The engine's path, by hand: whole-volume window, anatomical frame, spacing-aware resize, pad.
+    vol = read_image(synth / "imagesTr" / f"{data.entries[ref.case].case_id}_0000.nii.gz")
+    frame = vol.slice_frame("coronal")
+    stack = to_slices(vol.array, frame)
+    t = plan_resize(stack.shape[1:3], 64, frame.pixel_spacing)
+    want = prepare_slices(to_uint8_rgb(np.ascontiguousarray(stack[ref.index:ref.index + 1]),
+                                       intensity_window(vol.array, "MR")), t, (0, 0, 0), (1, 1, 1))
+    assert torch.equal(pixels, want[0])
+    assert plan.resized_hw == t.resized_hw and t.resized_hw[0] != stack.shape[1]  # 2 mm rows were stretched
+    m = mask_to_frame(lab == 1, plan)
+    h, w = plan.resized_hw
+    assert m.shape == (64, 64) and set(np.unique(m)) <= {0.0, 1.0} and m[h:].sum() == 0 and m[:, w:].sum() == 0
+
+
+def test_sampler_mix_and_negatives(synth):
+    data = LabelledVolumes(synth, "Tr", ("axial",))
+    sampler = TripletSampler(data, 64, (0, 0, 0), (1, 1, 1), negative_fraction=0.3,
+                             describe=lambda ref, name, rgb, mask: GeometricDescriber().describe(rgb, mask))
+    samples = [sampler.draw(0, i) for i in range(60)]
+    fmts = {s.fmt for s in samples if s.present}
+    assert fmts == {"seg_all_crd", "seg_all", "seg_subset"}
+    neg = [s for s in samples if not s.present]
+    assert neg and all(s.masks.shape[0] == 0 and "does not contain" in s.answer and "[SEG]" not in s.answer
+                       for s in neg)
+    for s in samples:
+        if s.present:
+            assert s.masks.shape[0] == len(s.targets) == s.answer.count("[SEG]")
+            assert all(m.sum() > 0 for m in s.masks)
+    crd = next(s for s in samples if s.fmt == "seg_all_crd")
+    assert "region" in crd.answer and crd.answer.startswith("This is a <p> magnetic resonance </p> image.")
+    # Deterministic: the same (seed, number) gives the same sample.
+    again = sampler.draw(0, 7)
+    assert again.answer == samples[7].answer and torch.equal(again.pixels, samples[7].pixels)
+
+
+def test_reader_2d(tmp_path):
+    root = tmp_path / "d2"
+    for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / d).mkdir(parents=True)
+    img = np.zeros((1, 30, 50), np.uint16)
+    lab = np.zeros((1, 30, 50), np.uint8)
+    lab[0, 5:15, 5:15] = 1
+    img[lab > 0] = 900
+    sitk.WriteImage(sitk.GetImageFromArray(img), str(root / "imagesTr" / "a_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(root / "labelsTr" / "a.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "microscopy"},
+                                                   "labels": {"background": 0, "cell nuclei": 1}}))
+    data = LabelledVolumes(root, "Tr", ("axial", "coronal", "sagittal"))
+    assert len(data) == 1 and data.slices[0].present == ("cell nuclei",)
+    pixels, lab2, plan, _ = data.prepare(data.slices[0], 64, (0, 0, 0), (1, 1, 1), False)
+    assert lab2.shape == (30, 50) and plan.resized_hw == (38, 64)
+
+
+# ---------------------------------------------------------------------------------- prepare-builtin
+def _world_points(path: Path) -> set[tuple[float, float, float]]:
+    im = sitk.ReadImage(str(path))
+    size = im.GetSize()
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3)
+    m = np.array(im.GetDirection()).reshape(3, 3) * np.array(im.GetSpacing())
+    pts = idx @ m.T + np.array(im.GetOrigin())
+    return set(map(tuple, np.round(pts, 3)))
+
+
+def test_prepare_builtin_mni_no_leak(tmp_path):
+    pytest.importorskip("nilearn", reason="nilearn's data files are needed (make install)")
+    from rcmed_training.builtin import prepare_mni
+
+    root = prepare_mni(tmp_path, gap=2, crop=(slice(70, 94), slice(90, 110), slice(80, 104)))
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "white matter": 1, "grey matter": 2}
+    tr = set().union(*(_world_points(p) for p in (root / "imagesTr").glob("*.nii.gz")))
+    ts = set().union(*(_world_points(p) for p in (root / "imagesTs").glob("*.nii.gz")))
+    assert tr and ts and not (tr & ts)  # no test voxel in any training volume, whatever plane is cut
+    # Sampling every plane of the training split reads only training volumes, and both classes are there.
+    data = LabelledVolumes(root, "Tr", ("axial", "coronal", "sagittal"))
+    assert {e.case_id for e in data.entries} == {"MNI152_tr0", "MNI152_tr1"}
+    assert {c for r in data.slices for c in r.present} == {"white matter", "grey matter"}
+    for e in data.entries:  # labels stay on their image's grid
+        assert e.labels.shape == e.volume.shape_zyx
+
+
+def test_prepare_builtin_nuclei(tmp_path):
+    from rcmed_training.builtin import stardist_data_dir
+
+    if not (stardist_data_dir() / "img2d.tif").is_file():
+        pytest.skip("stardist data files not installed (make install)")
+    from rcmed_training.cli import main as train_main
+
+    assert train_main(["prepare-builtin", str(tmp_path), "--only", "nuclei"]) == 0
+    root = tmp_path / "Dataset902_StardistNuclei"
+    assert train_main(["describe", str(root), "--describer", "vlm", "--vlm-dir", str(tmp_path / "none"),
+                       "--no-fallback", "--limit", "1"]) == 2  # one clear line, no traceback
+    tr, ts = sorted((root / "imagesTr").glob("*")), sorted((root / "imagesTs").glob("*"))
+    assert len(tr) == 12 and len(ts) == 4
+    boxes = lambda files: {tuple(sitk.ReadImage(str(f)).GetOrigin()[:2]) for f in files}  # noqa: E731
+    assert not (boxes(tr) & boxes(ts))
+    data = LabelledVolumes(root, "Ts")
+    assert len(data) == 4 and all(r.present == ("cell nuclei",) for r in data.slices)
+
+
+# ---------------------------------------------------------------------------------------------- CRD
+def _disc(h, w, cy, cx, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_crd_geometric_known_shapes():
+    g = GeometricDescriber()
+    text = g.describe(None, _disc(100, 100, 22, 25, 10))
+    assert text.startswith("a single round region in the upper left quadrant") and "small" in text
+    assert "patient's right" in g.describe(None, _disc(100, 100, 22, 25, 10), plane="axial")
+    two = _disc(100, 100, 30, 30, 8) | _disc(100, 100, 70, 70, 8)
+    assert g.describe(None, two).startswith("2 separate regions")
+    bar = np.zeros((100, 100), bool)
+    bar[45:52, 10:90] = True
+    assert "elongated" in g.describe(None, bar) and "centre" in g.describe(None, bar)
+    big = np.zeros((100, 100), bool)
+    big[45:100, 45:100] = True
+    assert "lower right" in g.describe(None, big) and "large" in g.describe(None, big)
+    assert g.describe(None, np.zeros((10, 10), bool)) == "absent from this slice"
+    over = render_overlay(np.zeros((100, 100, 3), np.uint8), two)
+    assert over[30, 30, 0] > 0 and over[30, 30, 1] == 0 and over[0, 0].sum() == 0
+
+
+def test_crd_vlm_prompt_and_missing_folder(tmp_path):
+    v = VLMDescriber(tmp_path / "no_model")
+    msgs = v.build_messages("left_kidney", "computed tomography")
+    text = msgs[0]["content"][1]["text"]
+    assert msgs[0]["content"][0] == {"type": "image"}
+    assert "red" in text and "left kidney" in text and "computed tomography" in text
+    with pytest.raises(DescriberError, match="no vision-language model folder"):
+        v.describe(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), bool), "x")
+    fb = VLMDescriber(None, fallback=GeometricDescriber())
+    assert fb.describe(None, _disc(50, 50, 10, 10, 5), "x").startswith("a single") and fb.last_source == "geometric"
+
+
+def test_crd_jsonl_cache(tmp_path):
+    calls = []
+
+    class Counting(GeometricDescriber):
+        def describe(self, *a, **k):
+            calls.append(1)
+            return super().describe(*a, **k)
+
+    mask = _disc(40, 40, 10, 10, 5)
+    c = DescriptionCache(tmp_path)
+    t1 = c.get_or_make(Counting(), "case", "axial", 3, "ball", None, mask, "mr")
+    t2 = c.get_or_make(Counting(), "case", "axial", 3, "ball", None, mask, "mr")
+    assert t1 == t2 and len(calls) == 1 and (c.hits, c.misses) == (1, 1)
+    c.get_or_make(Counting(), "case", "axial", 3, "ball", None, ~mask, "mr")  # another mask: another key
+    lines = (tmp_path / DescriptionCache.FILE).read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["text"] == t1
+    again = DescriptionCache(tmp_path)
+    assert again.get_or_make(Counting(), "case", "axial", 3, "ball", None, mask, "mr") == t1 and len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_loss_weights_configurable(tmp_path):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(1, 5, 7), torch.randint(0, 7, (1, 5))
+    ml, mt = torch.randn(2, 16, 16), (torch.rand(2, 16, 16) > 0.5).float()
+    base = rcmed_loss(logits, labels, ml, mt)
+    assert torch.isclose(base["total"], base["ce"] + 0.5 * base["bce"] + 2 * base["dice"] + 0.2 * base["boundary"])
+    only = rcmed_loss(logits, labels, ml, mt, LossWeights(ce=0, bce=0, dice=1, boundary=0))
+    assert torch.isclose(only["total"], base["dice"])
+    cfg = TrainConfig.from_dict({"loss": {"ce": 0.5, "dice": "3"}})
+    assert cfg.loss == LossWeights(ce=0.5, bce=0.5, dice=3.0, boundary=0.2)
+    with pytest.raises(ValueError, match="unknown keys in loss"):
+        TrainConfig.from_dict({"loss": {"focal": 1}})
+
+
+# ---------------------------------------------------------------------------------------- training
+def _batch_loss(tr: Trainer, samples) -> float:
+    tr.model.eval()
+    with torch.no_grad():
+        pixels, enc, masks, feats = tr._tensors(samples)
+        loss = float(tr.module(pixels, enc, masks, feats)["total"])
+    tr.model.train()
+    return loss
+
+
+def test_training_lowers_loss_and_checkpoint_loads(synth, tmp_path):
+    t0 = time.perf_counter()
+    cfg = tiny_cfg(synth, tmp_path / "run", **{"optim.total_steps": 12, "optim.warmup_steps": 1,
+                                              "model.cache_features": True, "run.val_every": 6})
+    tr = Trainer(cfg)
+    fixed = [tr.sampler.draw(99, i) for i in range(4)]
+    before = _batch_loss(tr, fixed)
+    tr.fit()
+    after = _batch_loss(tr, fixed)
+    assert after < before, (before, after)
+    assert tr.feature_cache.hits > 0 and any((tmp_path / "run" / "feature_cache").rglob("*.safetensors"))
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "total" in r] == list(range(1, 13))
+    assert any("val_dice" in r for r in log) and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    # The final folder holds only what trained, and the engine's tiny preset takes it as --weights.
+    final = tmp_path / "run" / "final"
+    keys = set(load_file(str(final / "model.safetensors")))
+    assert not any(k.startswith(("image_encoder.", "prompt_encoder.")) for k in keys)
+    assert any(k.startswith("mask_decoder.") for k in keys) and any(".lora_" in k for k in keys)
+    from rcmed_engine.cli import main as rcmed_main
+    from rcmed_engine.model.presets import load_preset
+
+    loaded = load_preset("tiny", final)
+    assert loaded.model.config.trained and not loaded.report.missing
+    out = tmp_path / "seg.nii.gz"
+    assert rcmed_main(["segment", str(synth / "imagesTs" / "cTs0_0000.nii.gz"), "--prompt", "ball", "-o", str(out),
+                       "--preset", "tiny", "--weights", str(final), "--modality", "MR"]) == 0
+    assert out.is_file()
+    assert time.perf_counter() - t0 < 60
+
+
+def test_resume_continues_exactly(synth, tmp_path):
+    a = Trainer(tiny_cfg(synth, tmp_path / "a"))
+    a.fit()
+    b = Trainer(tiny_cfg(synth, tmp_path / "b", **{"run.save_every": 2}))
+    b.fit(stop_after=3)  # stops at 3; the last step is saved too
+    assert b.step == 3 and (tmp_path / "b" / "checkpoints" / "step-3").is_dir()
+    c = Trainer(tiny_cfg(synth, tmp_path / "b", **{"run.save_every": 2}))
+    c.resume(tmp_path / "b")
+    assert c.step == 3 and c.scheduler.last_epoch == 3
+    c.fit()
+    assert c.step == 6
+    assert param_digest(a.model) == param_digest(c.model)
+    pa, pc = dict(a.model.named_parameters()), dict(c.model.named_parameters())
+    assert all(torch.equal(pa[n], pc[n]) for n in a.trainable)
+    steps = {int(s["step"]) for s in c.optimizer.state_dict()["state"].values()}
+    assert steps == {6}
+
+
+def test_two_process_gloo_ranks_stay_in_sync(synth, tmp_path):
+    cfg = tiny_cfg(synth, tmp_path / "ddp", **{"optim.total_steps": 4})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rcmed_training.cli", "fit", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "ddp" / "params_rank0.json").read_text())
+    r1 = json.loads((tmp_path / "ddp" / "params_rank1.json").read_text())
+    assert r0["step"] == r1["step"] == 4
+    assert r0["digest"] == r1["digest"]
+    totals = {}
+    for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        totals[rec["step"]] = rec["total"]
+    assert len(totals) == 4
+    # Trained: the synced parameters moved away from the common initialisation.
+    init = param_digest(Trainer(cfg).model)
+    assert init != r0["digest"]
+
+
+def test_shipped_configs_parse():
+    for name in ("tiny.yaml", "lite.yaml", "syre7b.yaml"):
+        cfg = TrainConfig.load(REPO / "configs" / name)
+        assert cfg.data.mix == {"seg_all_crd": 0.4, "seg_all": 0.4, "seg_subset": 0.2}
+        assert cfg.loss == LossWeights()
+    lite = TrainConfig.load(REPO / "configs" / "lite.yaml")
+    assert lite.model.preset == "lite" and lite.model.cache_features and "image_encoder" not in lite.model.train
+    assert json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="frozen image encoder"):
+        TrainConfig.from_dict({"model": {"cache_features": True, "train": ["image_encoder"]}})

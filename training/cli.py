@@ -1,0 +1,97 @@
+"""`rcmed-train`: prepare data, describe regions, fit.
+
+    rcmed-train prepare-builtin OUT [--only mni|nuclei] [--gap 4]
+    rcmed-train describe DATASET_DIR [--split Tr] [--axes axial,coronal] [--describer geometric|vlm --vlm-dir DIR]
+    rcmed-train fit CONFIG.yaml [--resume RUN_OR_CHECKPOINT] [--stop-after N] [--set section.key=value ...]
+
+Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+
+def _prepare(args) -> int:
+    from .builtin import prepare_builtin
+
+    for root in prepare_builtin(args.out, tuple(args.only or ("mni", "nuclei")), gap=args.gap):
+        print(f"wrote {root}")
+    return 0
+
+
+def _describe(args) -> int:
+    from .crd import DescriptionCache, make_describer
+    from .data import LabelledVolumes
+
+    data = LabelledVolumes(args.dataset, args.split, tuple(args.axes.split(",")))
+    describer = make_describer(args.describer, args.vlm_dir, fallback=not args.no_fallback)
+    cache = DescriptionCache(data.root)
+    n = 0
+    for ref in data.slices:
+        if not ref.present:
+            continue
+        rgb = data.slice_rgb(ref)
+        _, lab, _ = data.slice_arrays(ref)
+        for name in ref.present:
+            cache.get_or_make(describer, data.entries[ref.case].case_id, ref.axis, ref.index, name, rgb,
+                              lab == data.classes[name], data.modality_text)
+            n += 1
+            if args.limit and n >= args.limit:
+                break
+        if args.limit and n >= args.limit:
+            break
+    print(f"{n} descriptions ({cache.hits} cached, {cache.misses} new) in {cache.path}")
+    return 0
+
+
+def _fit(args) -> int:
+    from .trainer import fit
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    last = fit(args.config, resume=args.resume, stop_after=args.stop_after, overrides=overrides)
+    print({k: last[k] for k in ("step", "total") if k in last})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rcmed-train", description="RCMed fine-tuning")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare-builtin", help="nnU-Net raw data sets from the data pip packages ship")
+    p.add_argument("out")
+    p.add_argument("--only", action="append", choices=("mni", "nuclei"))
+    p.add_argument("--gap", type=int, default=4, help="slices discarded between training and test slabs")
+    p.set_defaults(func=_prepare)
+    p = sub.add_parser("describe", help="fill the CRD description cache of a data set")
+    p.add_argument("dataset")
+    p.add_argument("--split", default="Tr")
+    p.add_argument("--axes", default="axial")
+    p.add_argument("--describer", default="geometric", choices=("geometric", "vlm"))
+    p.add_argument("--vlm-dir")
+    p.add_argument("--no-fallback", action="store_true", help="fail instead of falling back to geometric")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(func=_describe)
+    p = sub.add_parser("fit", help="train from a YAML config")
+    p.add_argument("config")
+    p.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoints/step-N folder")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (the schedule is unchanged)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_fit)
+    args = parser.parse_args(argv)
+    from .crd import DescriberError
+
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, DescriberError, NotImplementedError) as exc:
+        print(f"rcmed-train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
