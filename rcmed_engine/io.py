@@ -181,6 +181,8 @@ def read_image(path: str | Path) -> Volume:
     if "nifti_type" in keys:
         try:
             counts = _nifti_nonfinite_counts(p)
+        except ImageReadError:
+            raise
         except (OSError, EOFError, ValueError):
             counts = None  # unreadable data is reported by ITK just below
         if counts is not None:
@@ -247,11 +249,11 @@ _NIFTI_FLOAT = {16: "f4", 64: "f8"}
 
 
 def _nifti_nonfinite_counts(p: Path, chunk_bytes: int = 1 << 26) -> tuple[int, int] | None:
-    """Count NaN and Inf voxels straight from a single-file NIfTI's bytes.
+    """Check a single-file NIfTI's voxel bytes: raise if the file is truncated; count NaN and Inf.
 
-    ITK 5.4 (SimpleITK 2.x) silently turns NaN/Inf into 0 when it reads NIfTI
-    (nifti_read_buffer; fixed only in ITK 6), which would hide them from the check on
-    the decoded array. Returns None when the file is not a float single-file NIfTI.
+    ITK 5.4 (SimpleITK 2.x) silently turns NaN/Inf into 0 when it reads NIfTI (nifti_read_buffer;
+    fixed only in ITK 6), and zero-fills a file that ends early, so both are checked on the raw bytes.
+    Returns (0, 0) for integer data, None when the file is not a single-file NIfTI.
     """
     import gzip
     import struct
@@ -267,30 +269,37 @@ def _nifti_nonfinite_counts(p: Path, chunk_bytes: int = 1 << 26) -> tuple[int, i
             size = struct.unpack(endian + "i", head[:4])[0]
             if size == 348 and head[344:347] == b"n+1":
                 dims = struct.unpack(endian + "8h", head[40:56])
-                datatype = struct.unpack(endian + "h", head[70:72])[0]
+                datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
                 offset = int(struct.unpack(endian + "f", head[108:112])[0])
                 break
             if size == 540 and head[4:7] == b"n+2":
                 dims = struct.unpack(endian + "8q", head[16:80])
-                datatype = struct.unpack(endian + "h", head[12:14])[0]
+                datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
                 offset = int(struct.unpack(endian + "q", head[168:176])[0])
                 break
         else:
             return None
-        if datatype not in _NIFTI_FLOAT or not 1 <= dims[0] <= 7:
+        if not 1 <= dims[0] <= 7 or bitpix <= 0:
             return None
-        dtype = np.dtype(endian + _NIFTI_FLOAT[datatype])
-        remaining = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]])) * dtype.itemsize
+        n_voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]]))
+        remaining = n_voxels * bitpix // 8
+        dtype = np.dtype(endian + _NIFTI_FLOAT[datatype]) if datatype in _NIFTI_FLOAT else None
         f.seek(offset)  # gzip streams seek forward by decompressing, which is what we want
         n_nan = n_inf = 0
-        step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
+        itemsize = dtype.itemsize if dtype is not None else 1
+        step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
         while remaining > 0:
-            buf = f.read(min(step, remaining))
+            try:
+                buf = f.read(min(step, remaining))
+            except EOFError:  # a gzip stream that ends early
+                buf = b""
             if not buf:
-                break
-            values = np.frombuffer(buf[: len(buf) - len(buf) % dtype.itemsize], dtype=dtype)
-            n_nan += int(np.count_nonzero(np.isnan(values)))
-            n_inf += int(np.count_nonzero(np.isinf(values)))
+                raise ImageReadError(f"cannot read {p}: the file is truncated ({remaining} bytes of voxel data "
+                                     "missing)")
+            if dtype is not None:
+                values = np.frombuffer(buf[: len(buf) - len(buf) % itemsize], dtype=dtype)
+                n_nan += int(np.count_nonzero(np.isnan(values)))
+                n_inf += int(np.count_nonzero(np.isinf(values)))
             remaining -= len(buf)
     return n_nan, n_inf
 

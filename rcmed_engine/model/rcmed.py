@@ -87,6 +87,7 @@ class SliceOutput:
 
     low_res_logits: torch.Tensor
     presence: torch.Tensor
+    prompts: torch.Tensor | None = None  # the [SEG] prompts (B, T, 256) that gave the logits (used by OTFA)
 
 
 class RCMed(nn.Module):
@@ -136,29 +137,6 @@ class RCMed(nn.Module):
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)
 
-    def _run_prefix(self, embeds: torch.Tensor, n_text: int) -> tuple[object, int]:
-        """The language model on the prefix embeddings; returns its output and how many leading positions
-        it skipped (their keys/values are in the output's cache, their hidden states are not returned).
-
-        With ``share_text_prefix`` (set by fast_path.enable_fast_path) the text before the image, the
-        same for every slice, runs once and its keys/values are reused by every later batch: causal
-        attention makes them independent of the image.
-        """
-        lm = self.language_model.model
-        if not getattr(self, "share_text_prefix", False) or n_text == 0:
-            return lm(inputs_embeds=embeds, use_cache=True), 0
-        weight = self.language_model.get_input_embeddings().weight
-        key = (embeds.device, embeds.dtype, n_text, weight.data_ptr(), weight._version)
-        cached = getattr(self, "_text_prefix_kv", None)
-        if cached is None or cached[0] != key:
-            out = lm(inputs_embeds=embeds[:1, :n_text], use_cache=True)
-            cached = (key, [(layer.keys, layer.values) for layer in out.cache.layers])
-            self._text_prefix_kv = cached
-        b = embeds.shape[0]
-        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
-                                             for k, v in cached[1]])
-        return lm(inputs_embeds=embeds[:, n_text:], cache=cache, use_cache=True), n_text
-
     def _split_prefix_ids(self) -> tuple[list[int], list[int]]:
         """Ids before and after the image in the prompt-free prefix.
 
@@ -195,6 +173,14 @@ class RCMed(nn.Module):
         positive = suffix_ids(targets[:1], True)
         negative = suffix_ids(targets[:1], False)
         diverge = next(i for i, (a, b) in enumerate(zip(positive, negative)) if a != b)
+
+        def presence_at(name: str) -> int:  # each target's row has its own length before "contains"
+            pos, neg = suffix_ids([name], True), suffix_ids([name], False)
+            d = next(i for i, (a, b) in enumerate(zip(pos, neg)) if a != b)
+            if (pos[d], neg[d]) != (positive[diverge], negative[diverge]):
+                raise RuntimeError(f"the presence tokens differ for target {name!r}")
+            return d - 1
+
         rows = [suffix_ids(targets, True)]
         presence_rows = [0]
         if len(targets) > 1:
@@ -213,7 +199,7 @@ class RCMed(nn.Module):
             rows=rows,
             seg_positions=seg_positions,
             presence_rows=presence_rows,
-            presence_positions=[diverge - 1] * len(targets),
+            presence_positions=[diverge - 1] if len(targets) == 1 else [presence_at(t) for t in targets],
             answer=conv.suffix.split(" ASSISTANT: ", 1)[1].removesuffix("</s>"),
             positive_id=positive[diverge],
             negative_id=negative[diverge],
@@ -281,7 +267,7 @@ class RCMed(nn.Module):
         logits = self.language_model.get_output_embeddings()(pres_hidden)
         pair = torch.stack([logits[..., plan.positive_id], logits[..., plan.negative_id]], dim=-1).float()
         presence = pair.softmax(-1)[..., 0]
-        return SliceOutput(low_res_logits=low_res, presence=presence)
+        return SliceOutput(low_res_logits=low_res, presence=presence, prompts=prompts)
 
     def decode_masks(self, image_embedding: torch.Tensor, prompts: torch.Tensor,
                      dense: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..prompts import ADDED_TOKENS, IMAGE_TOKEN, MED_SEG_QUESTIONS, PREFIX_TEMPLATE
@@ -24,7 +25,7 @@ class PromptTokenizer:
         self.add_bos = add_bos and tokenizer.bos_token_id is not None
         missing = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
-            tokenizer.add_tokens(list(missing), special_tokens=True)
+            tokenizer.add_tokens(marker_tokens(missing), special_tokens=True)
         self.eos_token: str = tokenizer.eos_token or "</s>"
         self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -84,5 +85,11 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(corpus * 8, trainer=trainer)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                  pad_token="<unk>")
-    hf.add_tokens(list(ADDED_TOKENS), special_tokens=True)
+    hf.add_tokens(marker_tokens(ADDED_TOKENS), special_tokens=True)
     return hf
+
+
+def marker_tokens(names) -> list[AddedToken]:
+    """RCMed's added tokens, stripping the whitespace on both sides as the released tokenizer does,
+    so that "</p> [SEG]" has no space token between: </p> itself predicts [SEG] (SYRE_SPEC §3.4, §3.6)."""
+    return [AddedToken(t, lstrip=True, rstrip=True, special=True, normalized=False) for t in names]
