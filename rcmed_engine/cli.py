@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--slices", default=None, help="A:B, voxel indices along the cut axis (default all)")
     seg.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
     _add_model_args(seg)
+    _add_remote_args(seg)
 
     ev = sub.add_parser("evaluate", help="Dice on an nnU-Net v2 raw data set")
     ev.add_argument("dataset", help="folder with dataset.json, imagesTs/labelsTs (or imagesTr/labelsTr)")
@@ -76,16 +77,92 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many cases")
     _add_model_args(ev)
+    _add_remote_args(ev)
+
+    srv = sub.add_parser("serve", help="run the engine behind HTTP for remote clients (RemoteEngine, --server)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    srv.add_argument("--token", default=None, help="bearer token clients must send (default: RCMED_TOKEN, else "
+                     "a generated one, printed at start)")
+    srv.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
+    srv.add_argument("--cache-mb", type=int, default=2048, help="memory for uploaded images (default 2048)")
+    srv.add_argument("--max-upload-mb", type=int, default=1024, help="largest upload (default 1024)")
+    srv.add_argument("--max-voxels", type=int, default=1 << 29, help="largest image in voxels (default 2^29)")
+    srv.add_argument("--max-prompt-chars", type=int, default=500, help="longest prompt (default 500)")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_model_args(srv)
+
+    reg = sub.add_parser("register", help="one-shot adaptation: register a class from one outlined slice")
+    reg.add_argument("image", help="image file or DICOM folder the mask was drawn on")
+    reg.add_argument("--mask", required=True, help="label map on the image's grid (any SimpleITK format)")
+    reg.add_argument("--name", required=True, help='the class name, later usable as a prompt, e.g. "lateral ventricles"')
+    reg.add_argument("--registry", required=True, help="class registry folder (created if missing)")
+    reg.add_argument("--label", type=int, default=None, help="the structure's label value (default: every non-zero voxel)")
+    reg.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                     help="anatomical plane of the outlined slice (default axial)")
+    reg.add_argument("--slice", type=int, default=None,
+                     help="slice index along --axis (default: the slice with the largest mask area)")
+    reg.add_argument("--modality", default=None, help="CT, MR, ... (default: from the file)")
+    _add_model_args(reg)
+    _add_remote_args(reg)
+
+    cls = sub.add_parser("classes", help="list the classes of a registry, or remove one")
+    cls.add_argument("registry", help="class registry folder")
+    cls.add_argument("--remove", default=None, metavar="NAME", help="remove this class")
 
     info = sub.add_parser("info", help="the model, its weights and the device")
     _add_model_args(info)
+
+    conv = sub.add_parser("convert-syre", help="write the released McGregorW/SyRe weights once in our "
+                          "safetensors layout (faster, pickle-free loads)")
+    conv.add_argument("src", help="folder with the released weights (config.json, *.bin or *.safetensors, "
+                      "tokenizer.model)")
+    conv.add_argument("dst", help="new folder to write (must not exist, or be empty)")
+    conv.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32"],
+                      help="keep each tensor's dtype (default; 16.2 GB), or cast all to bf16 (14.9 GB) or fp32")
     return parser
 
 
+def _add_remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, metavar="URL",
+                   help="run on a remote engine (rcmed serve) at this URL instead of loading the model here")
+    p.add_argument("--token", default=None, help="the server's token (default: RCMED_TOKEN)")
+
+
 def _engine(args: argparse.Namespace):
+    if getattr(args, "server", None):
+        from .client import RemoteEngine
+
+        remote = RemoteEngine(args.server, token=getattr(args, "token", None))
+        remote.info()  # fails early, in one line, on a wrong URL or token
+        return remote
     from .engine import Engine
 
-    return Engine.from_preset(args.preset, weights=args.weights, device=args.device, batch_size=args.batch)
+    return Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
+
+
+def _preset(args: argparse.Namespace) -> str:
+    """--weights naming a SyRe folder (released or converted) selects syre-7b unless --preset says more."""
+    if args.weights and args.preset == "lite":
+        from .model.syre import is_syre_folder
+
+        if is_syre_folder(args.weights):
+            return "syre-7b"
+    return args.preset
+
+
+def cmd_convert_syre(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.syre import convert_syre
+
+    started = time.perf_counter()
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dst = convert_syre(args.src, args.dst, dtype=dtype)
+    marker = json.loads((dst / "syre.json").read_text())
+    print(json.dumps({"output": str(dst), "tensors": marker["tensors"], "ignored": len(marker["ignored"]),
+                      "sha256": marker["sha256"], "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
 
 
 def _check_output(path: str, suffixes: Sequence[str]) -> Path:
@@ -102,8 +179,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .io import OUTPUT_SUFFIXES, read_image, write_labelmap
     from .prompts import parse_targets
 
-    if args.registry:
-        raise CLIError("--registry needs one-shot adaptation, which this version does not have yet")
+    registry = _registry_arg(args)
     out = _check_output(args.output, OUTPUT_SUFFIXES)
     parse_targets(args.prompt)  # a bad prompt fails before the model loads
     slices = parse_slice_range(args.slices)
@@ -112,7 +188,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     update, close = _progress_bar("segment")
     try:
         result = engine.segment(volume, args.prompt, modality=args.modality, axis=args.axis, slices=slices,
-                                progress=update)
+                                progress=update, **({"registry": registry} if registry else {}))
     finally:
         close()
     write_labelmap(out, result.labels, result.geometry, result.segments(), reference_2d=volume.is_2d)
@@ -126,10 +202,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset
 
-    if args.registry:
-        raise CLIError("--registry needs one-shot adaptation, which this version does not have yet")
+    registry = _registry_arg(args)
     out = _check_output(args.output, (".json",))
     engine = _engine(args)
+    if registry and hasattr(engine, "use_registry"):
+        engine.use_registry(registry)  # evaluate_dataset's segment_many calls then use it
     update, close = _progress_bar("evaluate")
     try:
         report = evaluate_dataset(engine, args.dataset, split=args.split, axis=args.axis, limit=args.limit,
@@ -161,10 +238,75 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServerSettings, serve
+
+    for name in ("port", "cache_mb", "max_upload_mb", "max_voxels", "max_prompt_chars"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    settings = ServerSettings(host=args.host, port=args.port, token=args.token, registry=args.registry,
+                              cache_bytes=args.cache_mb << 20, max_upload_bytes=args.max_upload_mb << 20,
+                              max_voxels=args.max_voxels, max_prompt_chars=args.max_prompt_chars)
+
+    def load():
+        from .engine import Engine
+
+        return Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
+
+    return serve(load, settings, log_level=args.log_level)
+
+
+def _registry_arg(args: argparse.Namespace) -> str | None:
+    """--registry for segment/evaluate: a folder that holds a registry (a remote engine uses the server's)."""
+    if not getattr(args, "registry", None):
+        return None
+    if getattr(args, "server", None):
+        return args.registry
+    if not (Path(args.registry) / "registry.json").is_file():
+        raise CLIError(f"no class registry in {args.registry}: register a class first (rcmed register IMAGE "
+                       f"--mask MASK --name NAME --registry {args.registry})")
+    return args.registry
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from .io import read_image
+    from .otfa import validate_name
+
+    validate_name(args.name)  # a bad name fails before anything loads
+    if Path(args.registry).exists() and not Path(args.registry).is_dir():
+        raise CLIError(f"--registry {args.registry} is a file, not a folder")
+    volume = read_image(args.image)
+    mask = read_image(args.mask)
+    engine = _engine(args)
+    kwargs: dict[str, Any] = {"label": args.label, "axis": args.axis, "slice": args.slice}
+    if not getattr(args, "server", None):
+        kwargs.update(registry=args.registry, modality=args.modality)
+    info = engine.register_class(volume, mask, args.name, **kwargs)
+    print(json.dumps(info if isinstance(info, dict) else {"name": args.name, "info": info}))
+    return 0
+
+
+def cmd_classes(args: argparse.Namespace) -> int:
+    from .otfa import ClassRegistry
+
+    if not (Path(args.registry) / "registry.json").is_file():
+        raise CLIError(f"no class registry in {args.registry}")
+    registry = ClassRegistry(args.registry)
+    if args.remove:
+        print(json.dumps({"removed": registry.remove(args.remove).as_dict()}))
+    else:
+        print(json.dumps({"registry": args.registry, "classes": [i.as_dict() for i in registry.list()]}, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "segment": cmd_segment,
     "evaluate": cmd_evaluate,
     "info": cmd_info,
+    "register": cmd_register,
+    "classes": cmd_classes,
+    "convert-syre": cmd_convert_syre,
+    "serve": cmd_serve,
 }
 
 

@@ -27,6 +27,11 @@ from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonic
 from .prompts import parse_targets
 from .terminology import segment_color
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .otfa import ClassRegistry, OTFAConfig
+
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -154,11 +159,11 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu", batch_size: int = 8,
-                 cache_bytes: int = 1 << 30, preset: str | None = None) -> None:
+                 cache_bytes: int = 1 << 30, preset: str | None = None, dtype: torch.dtype | None = None) -> None:
         if batch_size < 1:
             raise EngineError(f"--batch must be at least 1, got {batch_size}")
         self.device = resolve_device(device) if isinstance(device, str) else device
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: RCMed = loaded.model.to(self.device, dtype).eval()
         self.preset = preset or self.model.config.preset
         self.weights = loaded.weights
@@ -171,8 +176,31 @@ class Engine:
     @classmethod
     def from_preset(cls, preset: str = "lite", weights: str | None = None, device: str = "auto",
                     batch_size: int = 8, cache_bytes: int = 1 << 30) -> "Engine":
+        if preset == "syre-7b" and weights is not None:  # loaded straight into the run dtype, fast kernels on
+            return cls.from_pretrained(weights, device=device, batch_size=batch_size, cache_bytes=cache_bytes)
         loaded = load_preset(preset, weights)
         return cls(loaded, device=device, batch_size=batch_size, cache_bytes=cache_bytes, preset=preset)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, device: str = "auto", batch_size: int = 8, cache_bytes: int = 1 << 30,
+                        dtype: torch.dtype | None = None, fast: bool = True, compile: bool = False) -> "Engine":
+        """The syre-7b preset from a folder of the released McGregorW/SyRe weights, as downloaded
+        (config.json, .bin or .safetensors shards, tokenizer.model) or as `rcmed convert-syre` wrote it.
+
+        dtype: bf16 on CUDA, fp32 on CPU unless given (bf16 on CPU halves the memory, ~15 GB). The
+        weights are loaded straight into that dtype. ``fast`` (default) switches on the fast kernels
+        (model/fast_path.py), which leave the answers unchanged; ``compile`` adds torch.compile.
+        """
+        from .model.fast_path import enable_fast_path
+        from .model.syre import load_syre
+
+        dev = resolve_device(device)
+        dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        loaded = load_syre(folder, dtype)
+        if fast:
+            enable_fast_path(loaded.model, compile=compile)
+        return cls(loaded, device=dev, batch_size=batch_size, cache_bytes=cache_bytes, preset="syre-7b",
+                   dtype=dtype)
 
     # ----------------------------------------------------------------------------------------- info
     def info(self) -> dict[str, object]:
@@ -300,16 +328,21 @@ class Engine:
     # ----------------------------------------------------------------------------------------- segment
     def segment(self, image: Volume | np.ndarray, prompt: str, *, modality: str | None = None,
                 axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
-                progress: ProgressCallback | None = None, cancel: CancelToken | None = None) -> SegmentResult:
+                progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
+                registry: "ClassRegistry | str | None" = None, otfa: "OTFAConfig | None" = None) -> SegmentResult:
         """Segment what ``prompt`` names. Several targets ("liver, spleen and left kidney") give one
-        label each, through one [SEG] per target in a single answer."""
+        label each, through one [SEG] per target in a single answer. A target that names a class of
+        ``registry`` (a ClassRegistry or its folder; default: the one ``use_registry`` set, else the user's
+        default registry folder when it exists, see otfa.default_registry_dir) is segmented
+        with one-shot adaptation (rcmed_engine.otfa); other targets are untouched."""
         return self.segment_many(image, [prompt], modality=modality, axis=axis, slices=slices,
-                                 progress=progress, cancel=cancel)[0]
+                                 progress=progress, cancel=cancel, registry=registry, otfa=otfa)[0]
 
     def segment_many(self, image: Volume | np.ndarray, prompts: Sequence[str], *, modality: str | None = None,
                      axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
                      progress: ProgressCallback | None = None,
-                     cancel: CancelToken | None = None) -> list[SegmentResult]:
+                     cancel: CancelToken | None = None, registry: "ClassRegistry | str | None" = None,
+                     otfa: "OTFAConfig | None" = None) -> list[SegmentResult]:
         """Several prompts on one image, sharing the encoder and prefix work of every slice."""
         t_start = time.perf_counter()
         targets = [parse_targets(p) for p in prompts]
@@ -319,6 +352,7 @@ class Engine:
             lo, hi = self._check_range(slices, n)
             modality_text = MODALITY_TEXT[prep.modality]
             plans = [self.model.plan_prompt(t, modality_text) for t in targets]
+            adapt = self._plan_adaptation(targets, registry, otfa)  # None: no registered class, the plain path
             rows, cols = prep.stack.shape[1:3]
             stacks = [np.zeros((n, rows, cols), dtype=np.uint8) for _ in plans]
             presence = [np.full((len(t), n), np.nan, dtype=np.float32) for t in targets]
@@ -332,15 +366,24 @@ class Engine:
                     raise Cancelled("cancelled; nothing was written")
                 idx = list(range(start, min(start + self.batch_size, hi)))
                 rgb = to_uint8_rgb(np.ascontiguousarray(prep.stack[idx]), prep.window)
-                state, t = self._prefix_states(rgb, prep.transform)
+                state, t = (self._prefix_states(rgb, prep.transform) if adapt is None or adapt.needs_prefix
+                            else (None, {}))
                 for k in t:
                     timings[k] += t[k]
+                if adapt is not None:
+                    feats, t_enc = self._image_features(rgb, prep.transform)
+                    timings["encoder_s"] += t_enc
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     for p, plan in enumerate(plans):
-                        out = self.model.suffix(state, plan)
-                        logits = postprocess_logits(out.low_res_logits.float(), prep.transform)  # (b, T, H, W)
-                        pres = out.presence.float().cpu().numpy()
+                        logits = pres = None
+                        if adapt is None or adapt.needs_text(p):
+                            out = self.model.suffix(state, plan)
+                            logits = postprocess_logits(out.low_res_logits.float(), prep.transform)  # (b, T, H, W)
+                            pres = out.presence.float().cpu().numpy()
+                        if adapt is not None and adapt.adapters[p]:
+                            logits, pres = adapt.apply(self.model, p, feats, rgb, prep.transform, logits, pres,
+                                                       modality_text)
                         presence[p][:, idx] = pres.T
                         keep = torch.from_numpy(pres >= threshold)[..., None, None]
                         logits = torch.where(keep.to(logits.device), logits, torch.full_like(logits, -1.0))
@@ -372,3 +415,175 @@ class Engine:
             raise EngineError(f"slice range {lo}:{hi} is out of bounds: this axis has slices 0:{n}")
         return lo, hi
 
+    # ----------------------------------------------------------------------------------------- one-shot adaptation
+    def use_registry(self, registry: "ClassRegistry | str | None") -> None:
+        """Set the class registry that segment/segment_many use when they are given none (None: no default)."""
+        from .otfa import as_registry
+
+        self.registry = as_registry(registry)
+
+    def _registry(self, registry: "ClassRegistry | str | None", must_exist: bool = False,
+                  create: bool = False) -> "ClassRegistry | None":
+        """The registry to use: the one given, else the one use_registry set, else the user's default folder
+        (otfa.default_registry_dir(); $RCMED_REGISTRY) when it holds a registry, or ``create`` is set."""
+        from .otfa import as_registry, default_registry_dir
+
+        chosen = registry if registry is not None else getattr(self, "registry", None)
+        if chosen is None:
+            default = default_registry_dir()
+            if create or (default / "registry.json").is_file():
+                chosen = default
+        return as_registry(chosen, must_exist)
+
+    def _plan_adaptation(self, targets: list[list[str]], registry, otfa):
+        """The OTFA plan for a call, or None when no target names a registered class."""
+        from .otfa import RegistryError, plan_adaptation
+
+        try:
+            reg = self._registry(registry)
+            if reg is None:
+                return None
+            return plan_adaptation(self.model, targets, reg, otfa, self.preset, self.model.config.out_dim)
+        except RegistryError as exc:
+            raise EngineError(str(exc)) from None
+
+    @torch.inference_mode()
+    def _image_features(self, rgb: np.ndarray, transform: SliceTransform) -> tuple[ImageFeatures, float]:
+        """Encoder features for a batch of slices, from the cache where possible; and the seconds spent."""
+        keys = self._slice_keys(rgb, transform)
+        feats: list[ImageFeatures | None] = [self._features.get(k) for k in keys]  # type: ignore[misc]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        seconds = 0.0
+        if todo:
+            t0 = time.perf_counter()
+            cfg = self.model.config
+            pixels = prepare_slices(rgb[todo], transform, cfg.pixel_mean, cfg.pixel_std,
+                                    bgr=cfg.prompt.channel_order == "bgr")
+            out = self.model.encode_image(pixels)
+            for j, i in enumerate(todo):
+                f = ImageFeatures(out.neck[j:j + 1], out.pre_neck[j:j + 1])
+                self._features.put(keys[i], f, f.neck.nbytes + f.pre_neck.nbytes)
+                feats[i] = f
+            seconds = time.perf_counter() - t0
+        done = [f for f in feats if f is not None]
+        return ImageFeatures(torch.cat([f.neck for f in done]), torch.cat([f.pre_neck for f in done])), seconds
+
+    def register_class(self, image: Volume | np.ndarray, mask: Volume | np.ndarray, name: str, axis: str = "axial",
+                       slice_index: int | None = None, modality: str | None = None,
+                       registry: "ClassRegistry | str | None" = None, label: int | None = None,
+                       otfa: "OTFAConfig | None" = None, slice: int | None = None) -> dict[str, object]:
+        """Register the class ``name`` from one outlined slice of ``image`` (a new shot when it exists).
+
+        mask: a label map on the image's grid (same shape; same geometry when both are Volumes); the
+        structure is ``mask == label``, or every non-zero voxel when label is None. slice_index: the slice
+        along ``axis`` as the engine cuts it (what ``--slices`` counts); None takes the slice with the
+        largest area (``slice`` is an alias). Every check runs before the registry is touched: a failed
+        registration leaves it byte-identical. Returns what was registered (name, shots, slice, area, support Dice per strategy).
+        """
+        from . import otfa as _otfa
+
+        if slice is not None:  # the name RemoteEngine and the server use
+            if slice_index is not None and int(slice_index) != int(slice):
+                raise EngineError(f"slice_index={slice_index} and slice={slice} disagree; give one of them")
+            slice_index = slice
+        try:
+            shown = _otfa.validate_name(name)
+            reg = self._registry(registry, create=True)
+        except _otfa.RegistryError as exc:
+            raise EngineError(str(exc)) from None
+        volume = self._as_volume(image)
+        mvol = self._as_volume(mask)
+        if mvol.array.ndim != 3:
+            raise EngineError(f"the mask must be a scalar label map, got an array of shape {mvol.array.shape}")
+        if mvol.shape_zyx != volume.shape_zyx:
+            raise EngineError(f"the mask's shape {'x'.join(map(str, mvol.shape_zyx))} (z, y, x) differs from the "
+                              f"image's {'x'.join(map(str, volume.shape_zyx))}: draw the mask on this image")
+        if isinstance(image, Volume) and isinstance(mask, Volume):
+            g, h = volume.geometry, mvol.geometry
+            atol = 1e-3 * min(g.spacing)
+            if (not np.allclose(g.origin, h.origin, rtol=0, atol=atol)
+                    or not np.allclose(g.spacing, h.spacing, rtol=1e-4, atol=0)
+                    or not np.allclose(g.direction, h.direction, rtol=0, atol=1e-4)):
+                raise EngineError(f"the mask's geometry (origin {h.origin}, spacing {h.spacing}) differs from the "
+                                  f"image's (origin {g.origin}, spacing {g.spacing}): resample the mask onto the image")
+        values = mvol.array
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+            raise EngineError(f"unsupported mask voxel type {values.dtype}")
+        if label is None:
+            structure = values != 0
+            what = "it has no non-zero voxel"
+        else:
+            structure = values == label
+            present = sorted(int(v) for v in np.unique(values) if v != 0)[:20]
+            what = f"it has no voxel with label {label} (labels present: {present or 'none'})"
+        if not structure.any():
+            raise EngineError(f"the mask is empty: {what}; outline the structure on at least one slice")
+        with self._lock:
+            try:
+                prep = self.prepare(volume, modality, axis)
+            except EngineError:
+                if modality not in (None, "auto") or infer_modality(volume.array, volume.meta) is not None:
+                    raise
+                # The modality only sets the intensity window here: an unknown one gets the percentile
+                # window every modality but CT uses (the record says so).
+                prep = self.prepare(volume, "MR", axis)
+                modality = "unknown"
+            mstack = to_slices(structure, prep.frame)
+            n = mstack.shape[0]
+            areas = mstack.reshape(n, -1).sum(1)
+            if slice_index is None:
+                k = int(np.argmax(areas))
+            else:
+                k = int(slice_index)
+                if not 0 <= k < n:
+                    raise EngineError(f"slice {k} is out of range: the {axis} axis of this image has {n} slices "
+                                      f"(0..{n - 1})")
+                if areas[k] == 0:
+                    on = np.nonzero(areas)[0]
+                    raise EngineError(f"slice {k} of the mask is empty along the {axis} axis; the structure is on "
+                                      f"slices {int(on.min())}..{int(on.max())}")
+            rgb = to_uint8_rgb(np.ascontiguousarray(prep.stack[k:k + 1]), prep.window)
+            feats, _ = self._image_features(rgb, prep.transform)
+            support = np.ascontiguousarray(mstack[k])
+            record = {"source_sha256": content_hash(np.asarray(volume.array)), "slice": k, "axis": axis,
+                      "slices_on_axis": n, "modality": "unknown" if modality == "unknown" else prep.modality,
+                      "area_pixels": int(areas[k]),
+                      "image_shape": list(volume.shape_zyx), "preset": self.preset,
+                      "weights_sha256": self.weights_sha256, "engine_version": __version__}
+            if isinstance(volume.meta, dict) and volume.meta.get("source"):
+                record["source"] = str(volume.meta["source"])
+            try:
+                shot = _otfa.make_shot(feats.neck[0], rgb[0], support, prep.transform, (k + 0.5) / n)
+                shot.scores = _otfa.calibrate_shot(self.model, shot, otfa or _otfa.OTFAConfig(), feats.neck,
+                                                   rgb[0], support, prep.transform)
+                info = reg.add_shot(shown, shot, preset=self.preset, embedding_dim=int(feats.neck.shape[1]),
+                                    record=record)
+            except _otfa.RegistryError as exc:
+                raise EngineError(str(exc)) from None
+        return {"registry": str(reg.folder), "name": info.name, "shots": info.shots, "slice": k, "axis": axis,
+                "area_pixels": int(areas[k]), "strategy": info.strategy, "support_dice": dict(shot.scores),
+                "modality": record["modality"]}
+
+    def list_classes(self, registry: "ClassRegistry | str | None" = None) -> list[dict[str, object]]:
+        """The registered classes (name, shots, preset, strategy, dates, per-shot records)."""
+        from .otfa import RegistryError
+
+        try:
+            reg = self._registry(registry)
+            return [] if reg is None else [i.as_dict() for i in reg.list()]
+        except RegistryError as exc:
+            raise EngineError(str(exc)) from None
+
+    def remove_class(self, name: str, registry: "ClassRegistry | str | None" = None) -> dict[str, object]:
+        """Remove a registered class and its tensors; returns what it was (ClassNotFound, a KeyError, if none)."""
+        from .otfa import ClassNotFound, RegistryError
+
+        try:
+            reg = self._registry(registry)
+            if reg is None:
+                raise ClassNotFound(f"no class named {name!r}: no class registry is in use")
+            return reg.remove(name).as_dict()
+        except RegistryError as exc:
+            if isinstance(exc, KeyError):  # ClassNotFound: a ValueError and a KeyError already
+                raise
+            raise EngineError(str(exc)) from None

@@ -1,0 +1,11 @@
+"""Suite-wide fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _private_class_registry(tmp_path_factory, monkeypatch):
+    """Engines given no registry use $RCMED_REGISTRY; never let a test write into the user's own."""
+    monkeypatch.setenv("RCMED_REGISTRY", str(tmp_path_factory.mktemp("registry")))
