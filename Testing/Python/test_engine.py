@@ -419,3 +419,16 @@ def test_info_reports_the_engine():
     assert info["engine_version"] == rcmed_engine.__version__
     assert info["image_size"] == 64 and info["image_tokens"] == 16
     assert info["parameters"] > 0 and info["device"] == "cpu"
+
+
+def test_bf16_engine_matches_fp32_closely():
+    """bf16 is the default on CUDA; the prompt encoder's positional encoding must work in it."""
+    import torch
+
+    from rcmed_engine.model.presets import load_preset
+
+    vol = np.random.default_rng(0).random((2, 40, 40)).astype(np.float32)
+    a = Engine(load_preset("tiny"), device="cpu").segment(vol, "liver", modality="MR").labels
+    b = Engine(load_preset("tiny"), device="cpu", dtype=torch.bfloat16).segment(vol, "liver", modality="MR").labels
+    assert a.shape == b.shape
+    assert (a == b).mean() > 0.95

@@ -7,7 +7,7 @@ slices, each with its own embedding and its own [SEG] prompts, so ``predict_mask
 from __future__ import annotations
 
 import torch
-from .sam_modules import MaskDecoder, PromptEncoder, TwoWayTransformer
+from .sam_modules import MaskDecoder, PositionEmbeddingRandom, PromptEncoder, TwoWayTransformer
 
 
 class RCMedMaskDecoder(MaskDecoder):
@@ -48,8 +48,26 @@ class RCMedMaskDecoder(MaskDecoder):
         return masks, self.iou_prediction_head(iou_token_out)
 
 
+class _PositionEmbeddingInMatrixDtype(PositionEmbeddingRandom):
+    """SAM builds its coordinate grids in fp32; in a bf16 model the Gaussian matrix is bf16 and the
+    product fails. Compute in the matrix's dtype, as the released bf16 model does (SYRE_SPEC §3.9)."""
+
+    def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
+        return super()._pe_encoding(coords.to(self.positional_encoding_gaussian_matrix.dtype))
+
+
+class RCMedPromptEncoder(PromptEncoder):
+    """segment-anything's PromptEncoder whose positional encoding works in any dtype (same keys)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        pe = _PositionEmbeddingInMatrixDtype(self.pe_layer.positional_encoding_gaussian_matrix.shape[1])
+        pe.positional_encoding_gaussian_matrix.copy_(self.pe_layer.positional_encoding_gaussian_matrix)
+        self.pe_layer = pe
+
+
 def build_prompt_encoder(out_dim: int, embedding_size: int, image_size: int) -> PromptEncoder:
-    return PromptEncoder(
+    return RCMedPromptEncoder(
         embed_dim=out_dim,
         image_embedding_size=(embedding_size, embedding_size),
         input_image_size=(image_size, image_size),

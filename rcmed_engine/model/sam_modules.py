@@ -44,5 +44,7 @@ MaskDecoder = modeling.MaskDecoder
 PromptEncoder = modeling.PromptEncoder
 TwoWayTransformer = modeling.TwoWayTransformer
 LayerNorm2d = modeling.common.LayerNorm2d
+PositionEmbeddingRandom = modeling.prompt_encoder.PositionEmbeddingRandom
 
-__all__ = ["ImageEncoderViT", "LayerNorm2d", "MaskDecoder", "PromptEncoder", "TwoWayTransformer"]
+__all__ = ["ImageEncoderViT", "LayerNorm2d", "MaskDecoder", "PositionEmbeddingRandom", "PromptEncoder",
+           "TwoWayTransformer"]
