@@ -28,59 +28,9 @@ import httpx
 import numpy as np
 
 from . import wire
-from .geometry import Geometry, Volume
+from .geometry import Volume
 
-try:  # the local Engine's own types, so that callers cannot tell the two engines apart
-    from .engine import Cancelled, CancelToken, EngineError, SegmentResult
-except (ImportError, OSError):  # a thin client without PyTorch: the same classes, without the model
-    from dataclasses import dataclass
-    from typing import Protocol
-
-    class EngineError(ValueError):  # type: ignore[no-redef]
-        """Input the engine cannot work on; the message says what to change."""
-
-    class Cancelled(RuntimeError):  # type: ignore[no-redef]
-        """The caller cancelled a running job; nothing was written."""
-
-    class CancelToken(Protocol):  # type: ignore[no-redef]
-        def is_set(self) -> bool: ...
-
-    @dataclass
-    class SegmentResult:  # type: ignore[no-redef]
-        """rcmed_engine.engine.SegmentResult, for clients without PyTorch (same fields and methods)."""
-
-        labels: np.ndarray
-        geometry: Geometry
-        targets: list[str]
-        presence: np.ndarray
-        slices: tuple[int, int]
-        axis: str
-        modality: str
-        answer: str
-        prompt: str
-        timings: dict[str, float]
-        provenance: dict[str, str]
-
-        def mask(self, target: int | str = 0) -> np.ndarray:
-            index = self.targets.index(target) if isinstance(target, str) else target
-            return self.labels == index + 1
-
-        def segments(self) -> list:
-            from .io import SegmentInfo
-            from .terminology import segment_color
-
-            out = []
-            for t, name in enumerate(self.targets):
-                scores = self.presence[t][np.isfinite(self.presence[t])]
-                tags = dict(self.provenance)
-                tags.update({"RCMed.target": name,
-                             "RCMed.presence": f"{float(scores.max()) if scores.size else 0:.4f}",
-                             "RCMed.answer": self.answer})
-                out.append(SegmentInfo(name=name, label_value=t + 1, color=segment_color(name, t), tags=tags))
-            return out
-
-        def volume(self) -> Volume:
-            return Volume(self.labels, self.geometry, {"targets": list(self.targets)})
+from .results import Cancelled, CancelToken, EngineError, SegmentResult  # the local Engine's own types
 
 ProgressCallback = Callable[[int, int], None]
 

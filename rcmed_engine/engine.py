@@ -11,78 +11,25 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
 from .geometry import Geometry, SliceFrame, Volume, from_slices, to_slices
-from .io import SegmentInfo
 from .model.presets import LoadedModel, load_preset
 from .model.rcmed import ImageFeatures, PrefixState, RCMed
 from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonical_modality, content_hash,
                          infer_modality, intensity_window, plan_resize, postprocess_logits, prepare_slices,
                          to_uint8_rgb)
 from .prompts import parse_targets
-from .terminology import segment_color
-
-from typing import TYPE_CHECKING
+from .results import Cancelled, CancelToken, EngineError, SegmentResult  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .otfa import ClassRegistry, OTFAConfig
 
 ProgressCallback = Callable[[int, int], None]
-
-
-class EngineError(ValueError):
-    """Input the engine cannot work on; the message says what to change."""
-
-
-class Cancelled(RuntimeError):
-    """The caller cancelled a running job; nothing was written."""
-
-
-class CancelToken(Protocol):
-    def is_set(self) -> bool: ...
-
-
-@dataclass
-class SegmentResult:
-    """One prompt on one image.
-
-    labels: uint8 label map (z, y, x) in the input's exact geometry, label t + 1 for target t.
-    presence: (T, n) presence probability per target and processed slice (NaN where not processed).
-    """
-
-    labels: np.ndarray
-    geometry: Geometry
-    targets: list[str]
-    presence: np.ndarray
-    slices: tuple[int, int]
-    axis: str
-    modality: str
-    answer: str
-    prompt: str
-    timings: dict[str, float]
-    provenance: dict[str, str]
-
-    def mask(self, target: int | str = 0) -> np.ndarray:
-        index = self.targets.index(target) if isinstance(target, str) else target
-        return self.labels == index + 1
-
-    def segments(self) -> list[SegmentInfo]:
-        out = []
-        for t, name in enumerate(self.targets):
-            scores = self.presence[t][np.isfinite(self.presence[t])]
-            tags = dict(self.provenance)
-            tags.update({"RCMed.target": name, "RCMed.presence": f"{float(scores.max()) if scores.size else 0:.4f}",
-                         "RCMed.answer": self.answer})
-            out.append(SegmentInfo(name=name, label_value=t + 1, color=segment_color(name, t), tags=tags))
-        return out
-
-    def volume(self) -> Volume:
-        return Volume(self.labels, self.geometry, {"targets": list(self.targets)})
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""What the engine returns and raises, without PyTorch: a remote-only client shares these types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .geometry import Geometry, Volume
+from .io import SegmentInfo
+from .terminology import segment_color
+
+
+class EngineError(ValueError):
+    """Input the engine cannot work on; the message says what to change."""
+
+
+class Cancelled(RuntimeError):
+    """The caller cancelled a running job; nothing was written."""
+
+
+class CancelToken(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class SegmentResult:
+    """One prompt on one image.
+
+    labels: uint8 label map (z, y, x) in the input's exact geometry, label t + 1 for target t.
+    presence: (T, n) presence probability per target and processed slice (NaN where not processed).
+    """
+
+    labels: np.ndarray
+    geometry: Geometry
+    targets: list[str]
+    presence: np.ndarray
+    slices: tuple[int, int]
+    axis: str
+    modality: str
+    answer: str
+    prompt: str
+    timings: dict[str, float]
+    provenance: dict[str, str]
+
+    def mask(self, target: int | str = 0) -> np.ndarray:
+        index = self.targets.index(target) if isinstance(target, str) else target
+        return self.labels == index + 1
+
+    def segments(self) -> list[SegmentInfo]:
+        out = []
+        for t, name in enumerate(self.targets):
+            scores = self.presence[t][np.isfinite(self.presence[t])]
+            tags = dict(self.provenance)
+            tags.update({"RCMed.target": name, "RCMed.presence": f"{float(scores.max()) if scores.size else 0:.4f}",
+                         "RCMed.answer": self.answer})
+            out.append(SegmentInfo(name=name, label_value=t + 1, color=segment_color(name, t), tags=tags))
+        return out
+
+    def volume(self) -> Volume:
+        return Volume(self.labels, self.geometry, {"targets": list(self.targets)})
