@@ -116,6 +116,7 @@ class Engine:
         self.weights = loaded.weights
         self.weights_sha256 = loaded.report.sha256 if loaded.report else "none"
         self.batch_size = batch_size
+        self.encoder_batch = batch_size if self.device.type == "cuda" else 1
         self._features = _LRU(cache_bytes // 2)
         self._prefixes = _LRU(cache_bytes // 2)
         self._lock = threading.RLock()  # one model: calls from several threads run one at a time
@@ -225,6 +226,31 @@ class Engine:
         return [f"{tag}:{content_hash(s)}" for s in rgb]
 
     @torch.inference_mode()
+    def _image_features(self, rgb: np.ndarray, transform: SliceTransform,
+                        keys: list[str] | None = None) -> tuple[ImageFeatures, float]:
+        """Encoder features for a batch of slices, from the cache where possible; and the seconds spent."""
+        keys = keys if keys is not None else self._slice_keys(rgb, transform)
+        feats: list[ImageFeatures | None] = [self._features.get(k) for k in keys]  # type: ignore[misc]
+        todo = [i for i, f in enumerate(feats) if f is None]
+        seconds = 0.0
+        if todo:
+            t0 = time.perf_counter()
+            cfg = self.model.config
+            pixels = prepare_slices(rgb[todo], transform, cfg.pixel_mean, cfg.pixel_std,
+                                    bgr=cfg.prompt.channel_order == "bgr")
+            # On a CPU the encoder is memory-bound (LiteMedSAM's first stage is 256 channels at full
+            # resolution): batching slows it and multiplies its activations, so it runs in small chunks.
+            for start in range(0, len(todo), self.encoder_batch):
+                out = self.model.encode_image(pixels[start:start + self.encoder_batch])
+                for j, i in enumerate(todo[start:start + self.encoder_batch]):
+                    f = ImageFeatures(out.neck[j:j + 1], out.pre_neck[j:j + 1])
+                    self._features.put(keys[i], f, f.neck.nbytes + f.pre_neck.nbytes)
+                    feats[i] = f
+            seconds = time.perf_counter() - t0
+        done = [f for f in feats if f is not None]
+        return ImageFeatures(torch.cat([f.neck for f in done]), torch.cat([f.pre_neck for f in done])), seconds
+
+    @torch.inference_mode()
     def _prefix_states(self, rgb: np.ndarray, transform: SliceTransform) -> tuple[PrefixState, dict[str, float]]:
         """Prefix states for a batch of slices, from the cache where possible."""
         keys = self._slice_keys(rgb, transform)
@@ -232,21 +258,8 @@ class Engine:
         states: list[PrefixState | None] = [self._prefixes.get(k) for k in keys]  # type: ignore[misc]
         todo = [i for i, s in enumerate(states) if s is None]
         if todo:
-            feats = [self._features.get(keys[i]) for i in todo]
-            enc = [i for i, f in zip(todo, feats) if f is None]
-            if enc:
-                t0 = time.perf_counter()
-                cfg = self.model.config
-                pixels = prepare_slices(rgb[enc], transform, cfg.pixel_mean, cfg.pixel_std,
-                                        bgr=cfg.prompt.channel_order == "bgr")
-                out = self.model.encode_image(pixels)
-                for j, i in enumerate(enc):
-                    f = ImageFeatures(out.neck[j:j + 1], out.pre_neck[j:j + 1])
-                    self._features.put(keys[i], f, f.neck.nbytes + f.pre_neck.nbytes)
-                    feats[todo.index(i)] = f
-                timings["encoder_s"] = time.perf_counter() - t0
+            batch, timings["encoder_s"] = self._image_features(rgb[todo], transform, [keys[i] for i in todo])
             t0 = time.perf_counter()
-            batch = ImageFeatures(torch.cat([f.neck for f in feats]), torch.cat([f.pre_neck for f in feats]))
             prefix = self.model.prefix(batch)
             for j, i in enumerate(todo):
                 state = prefix.select(j)
@@ -393,27 +406,6 @@ class Engine:
             return plan_adaptation(self.model, targets, reg, otfa, self.preset, self.model.config.out_dim)
         except RegistryError as exc:
             raise EngineError(str(exc)) from None
-
-    @torch.inference_mode()
-    def _image_features(self, rgb: np.ndarray, transform: SliceTransform) -> tuple[ImageFeatures, float]:
-        """Encoder features for a batch of slices, from the cache where possible; and the seconds spent."""
-        keys = self._slice_keys(rgb, transform)
-        feats: list[ImageFeatures | None] = [self._features.get(k) for k in keys]  # type: ignore[misc]
-        todo = [i for i, f in enumerate(feats) if f is None]
-        seconds = 0.0
-        if todo:
-            t0 = time.perf_counter()
-            cfg = self.model.config
-            pixels = prepare_slices(rgb[todo], transform, cfg.pixel_mean, cfg.pixel_std,
-                                    bgr=cfg.prompt.channel_order == "bgr")
-            out = self.model.encode_image(pixels)
-            for j, i in enumerate(todo):
-                f = ImageFeatures(out.neck[j:j + 1], out.pre_neck[j:j + 1])
-                self._features.put(keys[i], f, f.neck.nbytes + f.pre_neck.nbytes)
-                feats[i] = f
-            seconds = time.perf_counter() - t0
-        done = [f for f in feats if f is not None]
-        return ImageFeatures(torch.cat([f.neck for f in done]), torch.cat([f.pre_neck for f in done])), seconds
 
     def register_class(self, image: Volume | np.ndarray, mask: Volume | np.ndarray, name: str, axis: str = "axial",
                        slice_index: int | None = None, modality: str | None = None,
