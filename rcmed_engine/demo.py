@@ -19,6 +19,7 @@ import numpy as np
 
 MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 MNI_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+MNI_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 
 
 def nilearn_data_dir() -> Path:
@@ -26,6 +27,13 @@ def nilearn_data_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the MNI template ships with nilearn: pip install --no-deps nilearn==0.14.1")
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def tissue_probability(array: np.ndarray) -> np.ndarray:
+    """nilearn's MNI tissue maps store the probability times 255 as uint8; return it in [0, 1]."""
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) / 255.0
+    return array.astype(np.float32)
 
 
 def montage(gray_slices: np.ndarray, masks: np.ndarray, truth: np.ndarray, columns: int = 3) -> np.ndarray:
@@ -68,7 +76,7 @@ def run(out_dir: Path, preset: str, weights: str | None, slices: tuple[int, int]
 
     data = nilearn_data_dir()
     t1 = read_image(data / MNI_T1)
-    wm = read_image(data / MNI_WM).array > 0.5
+    wm = tissue_probability(read_image(data / MNI_WM).array) > 0.5
     engine = Engine.from_preset(preset, weights=weights, device="auto", batch_size=batch)
     frame = t1.slice_frame("axial")
     n = t1.array.shape[frame.slice_axis]

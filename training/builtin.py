@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from rcmed_engine.demo import nilearn_data_dir
+from rcmed_engine.demo import MNI_GM, MNI_WM, nilearn_data_dir, tissue_probability
 
 MNI_NAME = "Dataset901_MNI152"
 NUCLEI_NAME = "Dataset902_StardistNuclei"
@@ -63,9 +63,11 @@ def prepare_mni(out: str | Path, gap: int = 4, stride: int = 1, crop: tuple[slic
     root = Path(out) / MNI_NAME
     _layout(root)
     t1 = sitk.ReadImage(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), sitk.sitkFloat32)
-    wm = sitk.ReadImage(str(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"), sitk.sitkFloat32)
-    gm = sitk.ReadImage(str(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"), sitk.sitkFloat32)
-    wa, ga = sitk.GetArrayViewFromImage(wm), sitk.GetArrayViewFromImage(gm)
+    wm = sitk.ReadImage(str(data / MNI_WM))
+    gm = sitk.ReadImage(str(data / MNI_GM))
+    # Read as stored (uint8, probability x 255), then scaled to [0, 1] before thresholding.
+    wa = tissue_probability(sitk.GetArrayViewFromImage(wm))
+    ga = tissue_probability(sitk.GetArrayViewFromImage(gm))
     lab = np.zeros(wa.shape, np.uint8)
     lab[ga >= 0.5] = 2
     lab[wa >= 0.5] = 1

@@ -343,3 +343,19 @@ def test_shipped_configs_parse():
     assert json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="frozen image encoder"):
         TrainConfig.from_dict({"model": {"cache_features": True, "train": ["image_encoder"]}})
+
+
+def test_mni_tissue_maps_are_scaled_before_thresholding(tmp_path):
+    """nilearn stores the tissue probabilities as uint8 x 255: thresholding the raw values at 0.5 would
+    label every non-zero voxel (the whole brain) as white matter."""
+    import SimpleITK as sitk
+
+    from rcmed_engine.demo import tissue_probability
+    from rcmed_training.builtin import prepare_mni
+
+    assert tissue_probability(np.array([0, 127, 128, 255], np.uint8)).tolist() == pytest.approx(
+        [0.0, 127 / 255, 128 / 255, 1.0])
+    root = prepare_mni(tmp_path, crop=(slice(80, 110), slice(40, 190), slice(30, 170)))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(next((root / "labelsTs").glob("*.nii.gz")))))
+    frac = np.bincount(label.ravel(), minlength=3) / label.size
+    assert 0.05 < frac[1] < 0.45 and 0.05 < frac[2] < 0.45  # white and grey matter, each a fraction of the brain
