@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, int], None]
 
+# Split evenly between encoder features (~9 MB a lite slice) and prefix states (~18 MB a lite slice);
+# 512 MB keeps a dozen recent slices ready for new prompts and the whole process under 3 GB.
+DEFAULT_CACHE_BYTES = 512 << 20
+
 
 @dataclass
 class _Prepared:
@@ -106,7 +110,8 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu", batch_size: int = 8,
-                 cache_bytes: int = 1 << 30, preset: str | None = None, dtype: torch.dtype | None = None) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, preset: str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if batch_size < 1:
             raise EngineError(f"--batch must be at least 1, got {batch_size}")
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -123,14 +128,15 @@ class Engine:
 
     @classmethod
     def from_preset(cls, preset: str = "lite", weights: str | None = None, device: str = "auto",
-                    batch_size: int = 8, cache_bytes: int = 1 << 30) -> "Engine":
+                    batch_size: int = 8, cache_bytes: int = DEFAULT_CACHE_BYTES) -> "Engine":
         if preset == "syre-7b" and weights is not None:  # loaded straight into the run dtype, fast kernels on
             return cls.from_pretrained(weights, device=device, batch_size=batch_size, cache_bytes=cache_bytes)
         loaded = load_preset(preset, weights)
         return cls(loaded, device=device, batch_size=batch_size, cache_bytes=cache_bytes, preset=preset)
 
     @classmethod
-    def from_pretrained(cls, folder: str, device: str = "auto", batch_size: int = 8, cache_bytes: int = 1 << 30,
+    def from_pretrained(cls, folder: str, device: str = "auto", batch_size: int = 8,
+                        cache_bytes: int = DEFAULT_CACHE_BYTES,
                         dtype: torch.dtype | None = None, fast: bool = True, compile: bool = False) -> "Engine":
         """The syre-7b preset from a folder of the released McGregorW/SyRe weights, as downloaded
         (config.json, .bin or .safetensors shards, tokenizer.model) or as `rcmed convert-syre` wrote it.
