@@ -417,7 +417,8 @@ class Trainer:
         with torch.no_grad():
             for n in self.trainable:
                 params[n].copy_(state[n].to(params[n]))
-        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=False)
+        # Optimizer and scheduler state are tensors and plain numbers: no pickled objects are accepted.
+        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.step = int(ts["step"])
