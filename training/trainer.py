@@ -237,7 +237,8 @@ def predict_masks(model: RCMed, pixels: torch.Tensor, samples: list[EncodedSampl
 
     ids, attn, _ = collate(samples, model.tokenizer.pad_id)
     with cached_encoder(model, features):
-        _, hidden, emb = model.forward_train(pixels, ids.to(model.device), attn.to(model.device))
+        _, hidden, emb = model.forward_train(pixels, ids.to(model.device), attn.to(model.device),
+                                             with_logits=False)
     n_img, size, out = model.config.num_image_tokens, pixels.shape[-1], []
     for b in range(ids.shape[0]):
         seg = (ids[b] == model.seg_token_id).nonzero().flatten().to(hidden.device)

@@ -15,12 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from ..prompts import (ADDED_TOKENS, NEGATIVE_WORD, POSITIVE_WORD, SEG_TOKEN, build_answer, build_conversation,
-                       build_question)
+from ..prompts import ADDED_TOKENS, SEG_TOKEN, build_answer, build_conversation, build_question
 from .config import RCMedConfig
 from .projections import HiddenToPrompt, VLProjection, lv_to_grid
 from .tokenizer import IMAGE_TOKEN_INDEX, PromptTokenizer
@@ -289,15 +287,16 @@ class RCMed(nn.Module):
 
     # ----------------------------------------------------------------------------------------- training
     def forward_train(
-        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Full teacher-forced pass for training, with the same modules as inference.
 
         pixels (B, 3, S, S); input_ids (B, L) with exactly one IMAGE_TOKEN_INDEX per row at the same
         index (the conversation prefix is shared); attention_mask (B, L) with 1 on real tokens.
         Returns LM logits (B, L', V) over the expanded sequence (L' = L - 1 + image tokens), the
         expanded positions map, and the image embedding with the L-V term (B, 256, E, E).
-        Mask logits come from ``decode_masks`` on states the caller selects with ``seg_states``.
+        Mask logits come from ``decode_masks`` on the hidden states the caller selects. ``with_logits=False``
+        skips the vocabulary projection (None in its place) for callers that only need masks.
         """
         features = self.encode_image(pixels)
         image_tokens = self._image_token_embeds(features)
@@ -313,13 +312,8 @@ class RCMed(nn.Module):
         hidden = out.last_hidden_state
         lv = self.lv_projection(hidden[:, at:at + n_img])
         image_embedding = features.neck + lv_to_grid(lv, self.config.vl_grid, self.embedding_size)
-        logits = self.language_model.get_output_embeddings()(hidden)
-        self._last_hidden = hidden
+        logits = self.language_model.get_output_embeddings()(hidden) if with_logits else None
         return logits, hidden, image_embedding
-
-    def expanded_index(self, input_ids: torch.Tensor) -> int:
-        """Offset that maps an id index after the image placeholder to the expanded sequence."""
-        return self.config.num_image_tokens - 1
 
 
 def added_token_rows(model: RCMed) -> slice:
@@ -327,4 +321,4 @@ def added_token_rows(model: RCMed) -> slice:
     return slice(model.base_vocab_size, model.base_vocab_size + len(ADDED_TOKENS))
 
 
-__all__ = ["RCMed", "ImageFeatures", "PrefixState", "PromptPlan", "SliceOutput", "POSITIVE_WORD", "NEGATIVE_WORD"]
+__all__ = ["RCMed", "ImageFeatures", "PrefixState", "PromptPlan", "SliceOutput"]
