@@ -30,7 +30,7 @@ import numpy as np
 from . import wire
 from .geometry import Volume
 
-from .results import Cancelled, CancelToken, EngineError, SegmentResult  # the local Engine's own types
+from .results import Cancelled, CancelToken, EngineError, SegmentResult, as_volume  # the local Engine's own types
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -65,18 +65,6 @@ class RemoteNotImplemented(RemoteError, NotImplementedError):
 
 class _JobLost(Exception):
     pass
-
-
-def _as_volume(image: Volume | np.ndarray) -> Volume:
-    """Exactly what Engine._as_volume makes of an input, so both engines see the same voxels."""
-    if isinstance(image, Volume):
-        return image
-    array = np.asarray(image)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
-        array = array[None]
-    if array.ndim not in (3, 4):
-        raise EngineError(f"expected a 2D slice or a 3D volume, got an array of shape {array.shape}")
-    return Volume(array, wire.IDENTITY_GEOMETRY, {})
 
 
 class RemoteEngine:
@@ -203,7 +191,7 @@ class RemoteEngine:
             self._known.pop(ident, None)
 
     def _wire_image(self, image: Volume | np.ndarray) -> tuple[str, np.ndarray, Any, dict[str, str]]:
-        volume = _as_volume(image)
+        volume = as_volume(image)
         try:
             array, geometry, meta = wire.as_wire_volume(volume)
         except wire.WireError as exc:

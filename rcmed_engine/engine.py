@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .geometry import Geometry, SliceFrame, Volume, from_slices, to_slices
+from .geometry import SliceFrame, Volume, from_slices, to_slices
 from .model.presets import LoadedModel, load_preset
 from .model.rcmed import ImageFeatures, PrefixState, RCMed
 from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonical_modality, content_hash,
                          infer_modality, intensity_window, plan_resize, postprocess_logits, prepare_slices,
                          to_uint8_rgb)
 from .prompts import parse_targets
-from .results import Cancelled, CancelToken, EngineError, SegmentResult  # noqa: F401 (re-exported)
+from .results import Cancelled, CancelToken, EngineError, SegmentResult, as_volume  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .otfa import ClassRegistry, OTFAConfig
@@ -186,16 +186,6 @@ class Engine:
             self._prefixes.clear()
 
     # ----------------------------------------------------------------------------------------- input
-    def _as_volume(self, image: Volume | np.ndarray) -> Volume:
-        if isinstance(image, Volume):
-            return image
-        array = np.asarray(image)
-        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
-            array = array[None]
-        if array.ndim not in (3, 4):
-            raise EngineError(f"expected a 2D slice or a 3D volume, got an array of shape {array.shape}")
-        return Volume(array, Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), {})
-
     def _validate(self, volume: Volume) -> None:
         a = volume.array
         if a.size == 0:
@@ -210,7 +200,7 @@ class Engine:
                 raise EngineError(f"the image contains {bad} NaN or infinite voxels; fix or mask them first")
 
     def prepare(self, image: Volume | np.ndarray, modality: str | None, axis: str) -> _Prepared:
-        volume = self._as_volume(image)
+        volume = as_volume(image)
         self._validate(volume)
         if modality is None or modality == "auto":
             modality = infer_modality(volume.array, volume.meta)
@@ -436,8 +426,8 @@ class Engine:
             reg = self._registry(registry, create=True)
         except _otfa.RegistryError as exc:
             raise EngineError(str(exc)) from None
-        volume = self._as_volume(image)
-        mvol = self._as_volume(mask)
+        volume = as_volume(image)
+        mvol = as_volume(mask)
         if mvol.array.ndim != 3:
             raise EngineError(f"the mask must be a scalar label map, got an array of shape {mvol.array.shape}")
         if mvol.shape_zyx != volume.shape_zyx:

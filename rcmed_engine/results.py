@@ -60,3 +60,19 @@ class SegmentResult:
 
     def volume(self) -> Volume:
         return Volume(self.labels, self.geometry, {"targets": list(self.targets)})
+
+
+IDENTITY_GEOMETRY = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def as_volume(image: Volume | np.ndarray) -> Volume:
+    """What both engines make of an input: a Volume as is; a 2D slice (grey, or RGB uint8 H x W x 3) or a
+    3D array becomes a volume with identity geometry, so local and remote engines see the same voxels."""
+    if isinstance(image, Volume):
+        return image
+    array = np.asarray(image)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
+        array = array[None]
+    if array.ndim not in (3, 4):
+        raise EngineError(f"expected a 2D slice or a 3D volume, got an array of shape {array.shape}")
+    return Volume(array, IDENTITY_GEOMETRY, {})

@@ -74,6 +74,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .geometry import Geometry, Volume
+from .results import IDENTITY_GEOMETRY  # one definition, shared with the engines
 
 __all__ = [
     "WireError",
@@ -105,7 +106,6 @@ DTYPES = ("|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", 
 META_KEYS = ("modality", "Modality", "0008|0060", "dicom_modality")
 MAX_META = 16
 MAX_HEADER = 1 << 16
-IDENTITY_GEOMETRY = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 _PREFIX = b"rcmed-image-v1\0"
 
 
