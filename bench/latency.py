@@ -28,6 +28,7 @@ from rcmed_engine.demo import MNI_T1, nilearn_data_dir
 from rcmed_engine.engine import Engine
 from rcmed_engine.geometry import Volume
 from rcmed_engine.io import read_image
+from rcmed_engine.io import write_json_atomic
 
 
 def peak_rss_mb() -> float:
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -190,7 +190,7 @@ def run(dataset: Path, class_name: str, preset: str = "lite", weights: str | Non
     from rcmed_engine.engine import Engine, parse_slice_range
     from rcmed_engine.evaluate import read_dataset
     from rcmed_engine.geometry import to_slices
-    from rcmed_engine.io import read_image
+    from rcmed_engine.io import read_image, write_json_atomic
     from rcmed_engine.otfa import OTFAConfig
 
     started = time.perf_counter()
@@ -248,9 +248,7 @@ def run(dataset: Path, class_name: str, preset: str = "lite", weights: str | Non
         "command": "python bench/one_shot.py " + " ".join(sys.argv[1:]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_json_atomic(out, report)
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(summary))

@@ -43,6 +43,7 @@ from rcmed_engine import wire  # noqa: E402
 from rcmed_engine.client import RemoteEngine  # noqa: E402
 from rcmed_engine.engine import Engine  # noqa: E402
 from rcmed_engine.geometry import Geometry, Volume  # noqa: E402
+from rcmed_engine.io import write_json_atomic  # noqa: E402
 
 
 def bench_volume(slices: int) -> tuple[Volume, str, str]:
@@ -187,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

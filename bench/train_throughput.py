@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from rcmed_training.builtin import prepare_mni  # noqa: E402
 from rcmed_training.trainer import TrainConfig, Trainer  # noqa: E402
+from rcmed_engine.io import write_json_atomic  # noqa: E402
 
 
 def run(preset: str, weights: str | None, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=2))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     return 0
 
 

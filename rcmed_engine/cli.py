@@ -201,6 +201,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset
+    from .io import write_json_atomic
 
     registry = _registry_arg(args)
     out = _check_output(args.output, (".json",))
@@ -213,19 +214,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   progress=update)
     finally:
         close()
-    _write_json_atomic(out, report)
+    write_json_atomic(out, report)
     print(json.dumps({"output": str(out), "mean_dice": report["mean_dice"],
                       "classes": {k: v["dice"] for k, v in report["classes"].items()}}))
     return 0
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

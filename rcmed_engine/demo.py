@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -150,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"rcmed demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from .io import write_json_atomic
+
+    write_json_atomic(Path(args.out) / "summary.json", summary)
     return 0
 
 

@@ -29,6 +29,7 @@ Input caveat: ITK 5.4 (SimpleITK 2.x) silently reads NaN/Inf voxels of NIfTI fil
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -459,6 +460,18 @@ def _check_segments(segments: list[SegmentInfo]) -> None:
         c = tuple(s.color)
         if len(c) != 3 or not all(isinstance(v, (int, float, np.number)) and 0.0 <= v <= 1.0 for v in c):
             raise LabelmapError(f"segment {s.name!r} colour must be 3 numbers in 0..1, got {c!r}")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON (indented, newline-terminated) to a temporary file beside ``path``, then rename it."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
 
 
 def write_labelmap(

@@ -16,13 +16,13 @@ Both packages are installed with ``pip install --no-deps`` and only located with
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from rcmed_engine.demo import MNI_GM, MNI_WM, nilearn_data_dir, tissue_probability
+from rcmed_engine.io import write_json_atomic
 
 MNI_NAME = "Dataset901_MNI152"
 NUCLEI_NAME = "Dataset902_StardistNuclei"
@@ -33,10 +33,6 @@ def stardist_data_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the nuclei images ship with stardist: pip install --no-deps stardist==0.9.2")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _layout(root: Path) -> None:
@@ -85,7 +81,7 @@ def prepare_mni(out: str | Path, gap: int = 4, stride: int = 1, crop: tuple[slic
             case = f"MNI152_{split.lower()}{i}"
             sitk.WriteImage(t1[:, :, a:b], str(root / f"images{split}" / f"{case}_0000.nii.gz"), True)
             sitk.WriteImage(label[:, :, a:b], str(root / f"labels{split}" / f"{case}.nii.gz"), True)
-    _write_json(root / "dataset.json", {
+    write_json_atomic(root / "dataset.json", {
         "name": "MNI152 2009c symmetric T1 with white and grey matter (nilearn data files)",
         "channel_names": {"0": "MR"},
         "labels": {"background": 0, "white matter": 1, "grey matter": 2},
@@ -119,7 +115,7 @@ def prepare_nuclei(out: str | Path, tile: int = 128) -> Path:
             sitk.WriteImage(im, str(root / f"images{split}" / f"{case}_0000.nii.gz"), True)
             sitk.WriteImage(lb, str(root / f"labels{split}" / f"{case}.nii.gz"), True)
             n_ts, n_tr = n_ts + test, n_tr + (not test)
-    _write_json(root / "dataset.json", {
+    write_json_atomic(root / "dataset.json", {
         "name": "stardist 2D fluorescence nuclei (stardist data files)",
         "channel_names": {"0": "microscopy"},
         "labels": {"background": 0, "cell nuclei": 1},
