@@ -29,6 +29,7 @@ bench: $(STAMP)
 # Reproduces the shipped lite RCMed parts (hours on a CPU; not yet run, see docs/training.md).
 train-lite: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin
+	$(PY) -m rcmed_training.init_lite runs/lite/init
 	$(PY) -m rcmed_training.cli fit configs/lite.yaml
 	cp runs/lite/final/config.json runs/lite/final/model.safetensors rcmed_engine/weights/lite/
 

@@ -39,25 +39,27 @@ from rcmed_training.trainer import TrainConfig, Trainer  # noqa: E402
 from rcmed_engine.io import write_json_atomic  # noqa: E402
 
 
-def run(preset: str, weights: str | None, batch: int, steps: int, warmup: int, threads: int | None) -> dict:
+def run(preset: str, weights: str | None, batch: int, steps: int, warmup: int, threads: int | None,
+        parts: list[str] | None = None, lora_layers: int | None = None) -> dict:
     if preset == "syre-7b" and not torch.cuda.is_available():
         return {"preset": preset, "skipped": "no CUDA accelerator on this machine; the syre-7b training step "
                                              "(bf16, ZeRO-2 in the released run) needs one"}
     tmp = Path(tempfile.mkdtemp(prefix="rcmed_bench_"))
     try:
-        return _measure(tmp, preset, weights, batch, steps, warmup, threads)
+        return _measure(tmp, preset, weights, batch, steps, warmup, threads, parts, lora_layers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _measure(tmp: Path, preset: str, weights: str | None, batch: int, steps: int, warmup: int,
-             threads: int | None) -> dict:
+             threads: int | None, parts: list[str] | None, lora_layers: int | None) -> dict:
     data = prepare_mni(tmp, gap=4, stride=2)
     cached = preset != "syre-7b"
     cfg = TrainConfig.from_dict({
         "data": {"root": str(data), "axes": ["axial", "coronal", "sagittal"], "val_split": None},
-        "model": {"preset": preset, "init_weights": weights, "cache_features": cached,
-                  "train": ["rcmed", "lora", "added_tokens", "mask_decoder"] + ([] if cached else ["image_encoder"])},
+        "model": {"preset": preset, "init_weights": weights, "cache_features": cached, "lora_layers": lora_layers,
+                  "train": parts or (["rcmed", "lora", "added_tokens", "mask_decoder"]
+                                     + ([] if cached else ["image_encoder"]))},
         "optim": {"batch_size": batch, "total_steps": 10_000, "warmup_steps": 10},
         "run": {"out": str(tmp / "run"), "save_every": 0, "val_every": 0, "threads": threads},
     })
@@ -80,7 +82,8 @@ def _measure(tmp: Path, preset: str, weights: str | None, batch: int, steps: int
     med = statistics.median(times)
     n_train = sum(p.numel() for p in tr.model.parameters() if p.requires_grad)
     return {
-        "preset": preset, "device": str(tr.device), "threads": torch.get_num_threads(), "batch": batch,
+        "preset": preset, "parts": tr.cfg.model.train, "lora_layers": lora_layers, "image_tokens": tr.model.config.num_image_tokens,
+        "device": str(tr.device), "threads": torch.get_num_threads(), "batch": batch,
         "feature_cache": cached, "timed_steps": steps, "step_s_median": round(med, 3),
         "step_s_all": [round(t, 3) for t in times], "samples_per_s": round(batch / med, 3),
         "trainable_params": n_train, "model_build_s": round(build_s, 1),
@@ -97,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int)
+    p.add_argument("--train", nargs="+", help="the parts that train (default: all RCMed parts, LoRA, added "
+                                              "tokens and the mask decoder)")
+    p.add_argument("--lora-layers", type=int, help="train the LoRA of only the last N layers")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"))
     a = p.parse_args(argv)
-    result = run(a.preset, a.weights, a.batch, a.steps, a.warmup, a.threads)
+    result = run(a.preset, a.weights, a.batch, a.steps, a.warmup, a.threads, a.train, a.lora_layers)
     result.update(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
                   loadavg_1m=round(os.getloadavg()[0], 2))
     if a.preset != "syre-7b":

@@ -22,7 +22,13 @@ class LossWeights:
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy. logits (B, L, V), labels (B, L) with IGNORE_INDEX where not scored."""
+    """Next-token cross-entropy.
+
+    Either logits (B, L, V) with labels (B, L), IGNORE_INDEX where not scored (shifted here), or logits
+    (N, V) already gathered at the scored positions with their next-token targets (N,).
+    """
+    if logits.ndim == 2:
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 

@@ -57,9 +57,14 @@ def forward_losses(model: RCMed, pixels: torch.Tensor, samples: list[EncodedSamp
     of sample b (T_b = 0 for a negative sample)."""
     ids, attn, labels = collate(samples, model.tokenizer.pad_id)
     ids, attn, labels = ids.to(model.device), attn.to(model.device), labels.to(model.device)
-    logits, hidden, image_embedding = model.forward_train(pixels, ids, attn)
+    _, hidden, image_embedding = model.forward_train(pixels, ids, attn, with_logits=False)
     n_img = model.config.num_image_tokens
     exp_labels = expand_labels(labels, ids, n_img)
+    # The vocabulary projection only where a token is scored (the answer, ~20 of ~330 positions): the
+    # full (B, L, V) logits and their backward cost more than the rest of the language model's head.
+    scored = exp_labels[:, 1:] != IGNORE_INDEX
+    logits = model.language_model.get_output_embeddings()(hidden[:, :-1][scored])
+    targets = exp_labels[:, 1:][scored]
     mask_logits, mask_targets = [], []
     size = pixels.shape[-1]
     for b in range(ids.shape[0]):
@@ -73,4 +78,4 @@ def forward_losses(model: RCMed, pixels: torch.Tensor, samples: list[EncodedSamp
         mask_targets.append(masks[b].to(low.device).float())
     ml = torch.cat(mask_logits) if mask_logits else hidden.new_zeros((0, size, size))
     mt = torch.cat(mask_targets) if mask_targets else hidden.new_zeros((0, size, size))
-    return rcmed_loss(logits, exp_labels, ml, mt, weights)
+    return rcmed_loss(logits, targets, ml, mt, weights)

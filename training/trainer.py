@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,22 +45,38 @@ from .features import FeatureCache
 from .losses import LossWeights
 from .step import EncodedSample, forward_losses
 
-PARTS = ("rcmed", "lora", "added_tokens", "mask_decoder", "prompt_encoder", "image_encoder", "language_model")
+PARTS = ("rcmed", "vl_projection", "text_hidden_fcs", "lv_projection", "lora", "added_tokens", "mask_decoder",
+         "prompt_encoder", "image_encoder", "language_model")
+RCMED_PARTS = ("vl_projection", "text_hidden_fcs", "lv_projection")  # what "rcmed" stands for
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAVE_PREFIXES = {"mask_decoder": "mask_decoder.", "prompt_encoder": "prompt_encoder.",
                  "image_encoder": "image_encoder.", "language_model": "language_model."}
 
 
 # ----------------------------------------------------------------------------------------------- config
 class MultiSampler:
-    """Several data sets: each draw picks one uniformly (deterministically from the draw number)."""
+    """Several data sets: each draw picks one uniformly (deterministically from the draw number).
 
-    def __init__(self, samplers: list[TripletSampler]) -> None:
+    A ``foreign_fraction`` of draws asks for a class of another data set ("cell nuclei" on a brain slice),
+    answered "does not contain": within one data set the model never meets such a prompt, and the
+    words must still matter there.
+    """
+
+    def __init__(self, samplers: list[TripletSampler], foreign_fraction: float = 0.0) -> None:
         self.samplers = samplers
+        self.foreign_fraction = float(foreign_fraction)
 
     def draw(self, seed: int, number: int) -> Sample:
         import random
 
-        return random.Random(f"pick:{seed}:{number}").choice(self.samplers).draw(seed, number)
+        rng = random.Random(f"pick:{seed}:{number}")
+        sampler = rng.choice(self.samplers)
+        if rng.random() < self.foreign_fraction:
+            own = set(sampler.data.classes)
+            foreign = sorted({c for s in self.samplers for c in s.data.classes if c not in own})
+            if foreign:
+                return sampler.build(rng.choice(sampler.data.slices), "seg_all", [rng.choice(foreign)], False, rng)
+        return sampler.draw(seed, number)
 
 
 @dataclass
@@ -72,6 +89,7 @@ class DataConfig:
     limit_cases: int | None = None
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     negative_fraction: float = 0.25
+    foreign_fraction: float = 0.0  # with several data sets: ask for another data set's class (absent)
     describer: str = "geometric"  # or "vlm" (with vlm_dir)
     vlm_dir: str | None = None
 
@@ -87,6 +105,7 @@ class ModelConfig:
     preset: str = "tiny"
     init_weights: str | None = None  # an RCMed weights folder to start from
     train: list[str] = field(default_factory=lambda: ["rcmed", "lora", "added_tokens", "mask_decoder"])
+    lora_layers: int | None = None  # train the LoRA of only the last N decoder layers (None: all)
     cache_features: bool = False  # needs a frozen image encoder
     feature_cache: str | None = None  # default: <out>/feature_cache
     seed: int = 0
@@ -112,6 +131,7 @@ class RunConfig:
     val_every: int = 50
     save_every: int = 100
     threads: int | None = None
+    save_dtype: str = "float32"  # the final checkpoint's tensors: float32, float16 or bfloat16
 
 
 @dataclass
@@ -138,7 +158,7 @@ class TrainConfig:
                 raise ValueError(f"unknown keys in {name}: {sorted(bad)}")
             if "betas" in sub:
                 sub["betas"] = tuple(sub["betas"])
-            for k in ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "negative_fraction"):
+            for k in ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "negative_fraction", "foreign_fraction"):
                 if k in sub:
                     sub[k] = float(sub[k])
             out[name] = kind(**sub)
@@ -146,6 +166,10 @@ class TrainConfig:
         bad_parts = set(cfg.model.train) - set(PARTS)
         if bad_parts:
             raise ValueError(f"unknown trainable parts {sorted(bad_parts)}; choose from {PARTS}")
+        if cfg.run.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"run.save_dtype must be one of {sorted(SAVE_DTYPES)}, not {cfg.run.save_dtype!r}")
+        if cfg.model.lora_layers is not None and cfg.model.lora_layers < 1:
+            raise ValueError("model.lora_layers must be at least 1 (or null for every layer)")
         if cfg.model.cache_features and "image_encoder" in cfg.model.train:
             raise ValueError("cache_features needs a frozen image encoder: drop image_encoder from model.train")
         return cfg
@@ -172,14 +196,33 @@ def build_training_model(cfg: ModelConfig) -> RCMed:
     return model
 
 
-def set_trainable(model: RCMed, parts: list[str]) -> list[str]:
-    """Freeze everything, then unfreeze the named parts. Returns the trainable parameter names."""
+def _layer_index(name: str) -> int | None:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None) -> list[str]:
+    """Freeze everything, then unfreeze the named parts. Returns the trainable parameter names.
+
+    ``lora_layers``: only the LoRA of the last N decoder layers trains. With the V-L projection frozen
+    too, nothing below those layers needs a gradient, so the backward pass stops there (CPU runs).
+    """
     model.requires_grad_(False)
-    own = ("vl_projection.", "text_hidden_fcs.", "lv_projection.")
+    own = tuple(f"{p}." for p in RCMED_PARTS if p in parts or "rcmed" in parts)
+    first_lora = 0
+    if lora_layers is not None:
+        first_lora = max(0, model.language_model.config.num_hidden_layers - lora_layers)
     embed = model.language_model.get_input_embeddings().weight
     for name, p in model.named_parameters():
-        if ("rcmed" in parts and name.startswith(own)) or ("lora" in parts and ".lora_" in name):
+        lora = "lora" in parts and ".lora_" in name and (_layer_index(name) or 0) >= first_lora
+        if (own and name.startswith(own)) or lora:
             p.requires_grad_(True)
+    if first_lora:
+        # Frozen adapters below the trained layers: their dropout masks are a tenth of a CPU step for nothing.
+        for name, module in model.language_model.named_modules():
+            if name.endswith("lora_dropout") and (_layer_index(name + ".") or 0) < first_lora:
+                for key in list(module.keys()):
+                    module[key] = nn.Identity()
         for part, prefix in SAVE_PREFIXES.items():
             if part in parts and name.startswith(prefix):
                 p.requires_grad_(True)
@@ -283,7 +326,7 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(cfg.run.out)
         self.model = build_training_model(cfg.model).to(self.device)
-        self.trainable = set_trainable(self.model, cfg.model.train)
+        self.trainable = set_trainable(self.model, cfg.model.train, cfg.model.lora_layers)
         self.model.train()
         self.feature_cache = None
         if cfg.model.cache_features:
@@ -298,7 +341,7 @@ class Trainer:
                 vdata = LabelledVolumes(root, cfg.data.val_split, tuple(cfg.data.axes))
                 vs = TripletSampler(vdata, mc.image_encoder.image_size, mc.pixel_mean, mc.pixel_std, bgr)
                 self.val += vs.validation(cfg.data.val_slices, cfg.run.seed)
-        self.sampler = samplers[0] if len(samplers) == 1 else MultiSampler(samplers)
+        self.sampler = samplers[0] if len(samplers) == 1 else MultiSampler(samplers, cfg.data.foreign_fraction)
         o = cfg.optim
         decay, no_decay = [], []
         for n, p in self.model.named_parameters():
@@ -392,7 +435,8 @@ class Trainer:
         include = tuple(SAVE_PREFIXES[p] for p in self.cfg.model.train if p in SAVE_PREFIXES)
         if final:
             self.model.config.trained = True
-        save_checkpoint(self.model, folder, include=include,
+        dtype = SAVE_DTYPES[self.cfg.run.save_dtype] if final else torch.float32
+        save_checkpoint(self.model, folder, include=include, dtype=dtype,
                         metadata={"trained": "true", "step": str(self.step), "parts": ",".join(self.cfg.model.train)})
         state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
         save_file(state, str(folder / "trainable.safetensors"))

@@ -65,7 +65,7 @@ def test_info_reports_trained_truthfully(lite, shipped):
     _, _, meta, lora_b_zero, config = shipped
     info = engine.info()
     assert info["preset"] == "lite" and info["language_model"] == "smollm2_gguf"
-    assert info["image_size"] == 256 and info["image_tokens"] == 256
+    assert info["image_size"] == 256 and info["image_tokens"] == 64
     assert info["trained"] is config["trained"]
     if "trained" in meta:
         assert str(info["trained"]).lower() == meta["trained"].lower()

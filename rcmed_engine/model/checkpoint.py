@@ -56,23 +56,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def trained_state_dict(model: RCMed, include: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The RCMed parts of a model (plus any module prefixes in ``include``), ready to save."""
+def trained_state_dict(model: RCMed, include: tuple[str, ...] = (),
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The RCMed parts of a model (plus any module prefixes in ``include``), ready to save.
+
+    ``dtype`` casts floating-point tensors (half precision halves a shipped checkpoint; loading casts
+    back to the model's dtype)."""
     params = dict(model.named_parameters())
     state = {n: params[n] for n in model.rcmed_parameter_names()}
     if include:
         state.update({n: t for n, t in model.state_dict().items() if n.startswith(include)})
     rows = model.language_model.get_input_embeddings().weight[added_token_rows(model)]
     state[ADDED_TOKENS_KEY] = rows
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    out = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out
 
 
 def save_checkpoint(model: RCMed, folder: str | Path, include: tuple[str, ...] = (),
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write config and trained parts atomically (temp files, then rename)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = trained_state_dict(model, include)
+    state = trained_state_dict(model, include, dtype)
     meta = {"format": "pt", "rcmed_preset": model.config.preset, **(metadata or {})}
     for name, writer in ((WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta)),
                          (CONFIG_NAME, lambda p: model.config.save(p))):

@@ -46,7 +46,12 @@ def tiny_config() -> RCMedConfig:
 
 
 def lite_config() -> RCMedConfig:
-    """LiteMedSAM's TinyViT (256 px) with SmolLM2-135M-Instruct; 16x16 image tokens."""
+    """LiteMedSAM's TinyViT (256 px) with SmolLM2-135M-Instruct; 8x8 image tokens.
+
+    64 image tokens (each pooled from 8x8 cells of the 64x64 embedding, 32x32 input pixels) keep the
+    language model's sequence at ~140 tokens: training and the per-slice prefix cost scale with it, and
+    the mask's detail comes from the neck embedding, not from the tokens.
+    """
     return RCMedConfig(
         preset="lite",
         image_encoder=ImageEncoderConfig(kind="tiny_vit", image_size=256, neck_dim=256, pre_neck_dim=320,
@@ -55,7 +60,7 @@ def lite_config() -> RCMedConfig:
                                            num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                                            vocab_size=49152, tie_word_embeddings=True, lora_r=16, lora_alpha=16),
         prompt=PromptConfig(channel_order="rgb"),
-        vl_grid=16,
+        vl_grid=8,
         vl_pool="avg",
     )
 
