@@ -31,7 +31,8 @@ train-lite: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin
 	$(PY) -m rcmed_training.init_lite runs/lite/init
 	$(PY) -m rcmed_training.cli fit configs/lite.yaml
-	cp runs/lite/final/config.json runs/lite/final/model.safetensors rcmed_engine/weights/lite/
+	$(PY) -m rcmed_training.cli fit configs/lite_stage2.yaml
+	cp runs/lite_stage2/final/config.json runs/lite_stage2/final/model.safetensors rcmed_engine/weights/lite/
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -17,7 +17,7 @@ Figures go to stdout and to ``bench/results/one_shot.json`` (keys ``dice_no_adap
 ``dice_otfa``: mean Dice over the Ts cases, each case's Dice taken over its whole volume).
 
 The MNI data set (``--build-mni``): the class is the **lateral ventricles**, a structure no text prompt of
-the shipped ``lite`` weights was trained on. It is derived from nilearn's MNI152 2009c template (the T1
+the shipped ``lite`` weights was trained on. It is derived from nilearn's MNI152 2009a template (the T1
 image and its grey- and white-matter probability maps, read as files; nilearn is never imported):
 CSF probability = brain - GM - WM (brain = the filled non-zero T1 support), thresholded at 0.5, restricted
 to the brain eroded by 26 mm so that cortical sulci drop out, and the largest 3D connected component kept
@@ -145,7 +145,7 @@ def build_mni(root: Path, seed: int = 0) -> Path:
             _write(lab, out / f"labels{split}" / f"{case}.nii.gz")
     meta = {
         "name": "MNIVentricles",
-        "description": ("Lateral ventricles of the MNI152 2009c symmetric template (nilearn's copy), derived "
+        "description": ("Lateral ventricles of the MNI152 2009a symmetric template (nilearn's copy), derived "
                         "from its GM/WM probability maps; Tr and Ts are disjoint axial slabs; Ts slabs are "
                         "randomly resampled in-plane and intensity-perturbed. See bench/one_shot.py."),
         "channel_names": {"0": "MR"},

@@ -35,6 +35,10 @@ def tissue_probability(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
+# The MNI test slab of `rcmed-train prepare-builtin` (gap 4): the shipped lite weights never read it.
+HELD_OUT_Z = (66, 123)
+
+
 def montage(gray_slices: np.ndarray, masks: np.ndarray, truth: np.ndarray, columns: int = 3) -> np.ndarray:
     """(n, H, W) uint8 slices with the prediction (red fill) and the reference outline (green) → BGR image."""
     import cv2
@@ -127,8 +131,11 @@ def run(out_dir: Path, preset: str, weights: str | None, slices: tuple[int, int]
         print("note: the RCMed parts of these weights are untrained (freshly initialised), so this Dice is the "
               "floor before training, not the model's ability")
     else:
-        print("note: the shipped lite weights were trained on this template's training slabs, so this figure is "
-              "not held out; see rcmed_engine/weights/lite/MODEL_CARD.md for held-out figures")
+        inside = HELD_OUT_Z[0] <= lo and hi <= HELD_OUT_Z[1]  # axial slice k is array z = k for this template
+        print("note: the shipped lite weights were trained on this template's outer slabs only; its central slab "
+              f"(axial {HELD_OUT_Z[0]}:{HELD_OUT_Z[1]}) is their held-out split, and slices {lo}:{hi} "
+              f"{'lie inside it' if inside else 'are not all inside it'}. Held-out figures and baselines: "
+              "rcmed_engine/weights/lite/MODEL_CARD.md")
     return summary
 
 

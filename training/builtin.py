@@ -1,6 +1,6 @@
 """`rcmed-train prepare-builtin OUT`: nnU-Net v2 raw data sets from the real data that pip packages ship.
 
-* ``Dataset901_MNI152``: the MNI152 2009c T1 template (nilearn's data files) with white matter (1) and
+* ``Dataset901_MNI152``: the MNI152 2009a T1 template (nilearn's data files) with white matter (1) and
   grey matter (2) from nilearn's probability maps, thresholded at 0.5 (white matter wins a tie).
   The volume is cut into disjoint slabs along its first array axis, with a gap of ``gap`` discarded
   slices between slabs: the middle slab is the test case, the outer two are training cases. Each slab
@@ -82,7 +82,7 @@ def prepare_mni(out: str | Path, gap: int = 4, stride: int = 1, crop: tuple[slic
             sitk.WriteImage(t1[:, :, a:b], str(root / f"images{split}" / f"{case}_0000.nii.gz"), True)
             sitk.WriteImage(label[:, :, a:b], str(root / f"labels{split}" / f"{case}.nii.gz"), True)
     write_json_atomic(root / "dataset.json", {
-        "name": "MNI152 2009c symmetric T1 with white and grey matter (nilearn data files)",
+        "name": "MNI152 2009a symmetric T1 with white and grey matter (nilearn data files)",
         "channel_names": {"0": "MR"},
         "labels": {"background": 0, "white matter": 1, "grey matter": 2},
         "numTraining": len(bounds["Tr"]), "file_ending": ".nii.gz",

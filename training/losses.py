@@ -19,6 +19,7 @@ class LossWeights:
     bce: float = 0.5
     dice: float = 2.0
     boundary: float = 0.2
+    presence: float = 0.0  # not in the released loss: see presence_ce
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -58,16 +59,26 @@ def boundary_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(pb, gb, reduction="none").flatten(1).mean(1).mean()
 
 
+def presence_ce(pair_logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the engine's presence read-out: the answer's "contains" against "does (not
+    contain)" logits, (N, 2), with present (N,) bool. In the token CE this one decision is one of ~20-80
+    scored tokens per answer; a short run needs it said louder (``LossWeights.presence``)."""
+    return F.cross_entropy(pair_logits.float(), (~present).long())
+
+
 def rcmed_loss(lm_logits: torch.Tensor | None, labels: torch.Tensor | None, mask_logits: torch.Tensor,
-               mask_targets: torch.Tensor, weights: LossWeights = LossWeights()) -> dict[str, torch.Tensor]:
-    """All terms and their weighted total. Mask terms skip when there are no masks (negative samples)."""
+               mask_targets: torch.Tensor, weights: LossWeights = LossWeights(),
+               presence: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All terms and their weighted total. Mask terms skip when there are no masks (negative samples).
+    ``presence``: (pair logits (N, 2), present (N,)) for ``presence_ce``."""
     zero = mask_logits.sum() * 0.0
     out = {"ce": token_ce(lm_logits, labels) if lm_logits is not None else zero}
+    out["presence"] = presence_ce(*presence) if presence is not None and presence[0].numel() else zero
     if mask_logits.numel():
         out.update(bce=mask_bce(mask_logits, mask_targets), dice=mask_dice(mask_logits, mask_targets),
                    boundary=boundary_bce(mask_logits, mask_targets))
     else:
         out.update(bce=zero, dice=zero, boundary=zero)
     out["total"] = (weights.ce * out["ce"] + weights.bce * out["bce"] + weights.dice * out["dice"]
-                    + weights.boundary * out["boundary"])
+                    + weights.boundary * out["boundary"] + weights.presence * out["presence"])
     return out

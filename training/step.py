@@ -78,4 +78,33 @@ def forward_losses(model: RCMed, pixels: torch.Tensor, samples: list[EncodedSamp
         mask_targets.append(masks[b].to(low.device).float())
     ml = torch.cat(mask_logits) if mask_logits else hidden.new_zeros((0, size, size))
     mt = torch.cat(mask_targets) if mask_targets else hidden.new_zeros((0, size, size))
-    return rcmed_loss(logits, targets, ml, mt, weights)
+    presence = None
+    if weights.presence:
+        presence = presence_pairs(model, logits, targets, scored)
+    return rcmed_loss(logits, targets, ml, mt, weights, presence)
+
+
+def presence_ids(model: RCMed) -> tuple[int, int]:
+    """The token ids where a positive and a negative answer part ("contains" / "does"), as the engine reads."""
+    ids = getattr(model, "_presence_ids", None)
+    if ids is None:
+        plan = model.plan_prompt(["x"], "x")
+        ids = (plan.positive_id, plan.negative_id)
+        object.__setattr__(model, "_presence_ids", ids)
+    return ids
+
+
+def presence_pairs(model: RCMed, logits: torch.Tensor, targets: torch.Tensor,
+                   scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the first scored position whose target is "contains" or "does": its two logits
+    (N, 2) and whether the answer says present (N,). logits/targets are gathered at ``scored`` (B, L-1)."""
+    pos, neg = presence_ids(model)
+    row = scored.nonzero()[:, 0]  # the row of each gathered position
+    hit = (targets == pos) | (targets == neg)
+    picks = []
+    for b in range(scored.shape[0]):
+        where = (hit & (row == b)).nonzero().flatten()
+        if where.numel():
+            picks.append(int(where[0]))
+    index = torch.tensor(picks, dtype=torch.long, device=logits.device)
+    return logits[index][:, [pos, neg]], targets[index] == pos

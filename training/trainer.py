@@ -158,7 +158,8 @@ class TrainConfig:
                 raise ValueError(f"unknown keys in {name}: {sorted(bad)}")
             if "betas" in sub:
                 sub["betas"] = tuple(sub["betas"])
-            for k in ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "negative_fraction", "foreign_fraction"):
+            for k in ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "presence", "negative_fraction",
+                      "foreign_fraction"):
                 if k in sub:
                     sub[k] = float(sub[k])
             out[name] = kind(**sub)

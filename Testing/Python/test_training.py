@@ -337,6 +337,9 @@ def test_shipped_configs_parse():
         assert cfg.loss == LossWeights()
     lite = TrainConfig.load(REPO / "configs" / "lite.yaml")
     assert lite.model.preset == "lite" and lite.model.cache_features and "image_encoder" not in lite.model.train
+    stage2 = TrainConfig.load(REPO / "configs" / "lite_stage2.yaml")
+    assert stage2.loss == LossWeights(presence=1.0) and stage2.model.init_weights == lite.run.out + "/final"
+    assert stage2.model.feature_cache == lite.run.out + "/feature_cache" and stage2.run.seed != lite.run.seed
     assert json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="frozen image encoder"):
         TrainConfig.from_dict({"model": {"cache_features": True, "train": ["image_encoder"]}})
@@ -446,3 +449,45 @@ def test_added_tokens_start_at_the_vocabulary_mean():
     spread = (base - mean).norm(dim=1).median()
     assert ((added - mean).norm(dim=1) < spread).all()
     assert torch.cdist(added, added).add(torch.eye(len(added)) * 1e9).min() > 0
+
+
+def test_tiny_preset_leaves_the_global_rng_alone():
+    from rcmed_engine.model.presets import load_preset
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_preset("tiny").model
+    assert torch.equal(torch.rand(3), expected)
+    b = load_preset("tiny").model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_presence_term_scores_the_engines_read_out():
+    """LossWeights.presence: CE of "contains" against "does" at the answer's presence position, the very
+    pair of logits the engine's presence score is the softmax of."""
+    from rcmed_engine.model.presets import load_preset
+    from rcmed_training.step import collate, encode_sample, expand_labels, forward_losses, presence_ids, presence_pairs
+
+    model = load_preset("tiny").model
+    samples = [encode_sample(model, ["ball"], "MR", True), encode_sample(model, ["box"], "MR", False),
+               encode_sample(model, ["ball", "box"], "MR", True)]
+    pixels = torch.randn(3, 3, 64, 64)
+    masks = [torch.zeros(1, 64, 64), torch.zeros(0, 64, 64), torch.zeros(2, 64, 64)]
+    with torch.no_grad():
+        off = forward_losses(model.eval(), pixels, samples, masks, LossWeights())
+        on = forward_losses(model, pixels, samples, masks, LossWeights(presence=2.0))
+        ids, attn, labels = collate(samples, model.tokenizer.pad_id)
+        _, hidden, _ = model.forward_train(pixels, ids, attn, with_logits=False)
+        exp = expand_labels(labels, ids, model.config.num_image_tokens)
+        scored = exp[:, 1:] != -100
+        logits = model.language_model.get_output_embeddings()(hidden[:, :-1][scored])
+        pair, present = presence_pairs(model, logits, exp[:, 1:][scored], scored)
+    assert present.tolist() == [True, False, True]
+    pos, neg = presence_ids(model)
+    # the engine's read-out for sample 0, by its own plan, at its own position
+    plan = model.plan_prompt(["ball"], "magnetic resonance")
+    assert (pos, neg) == (plan.positive_id, plan.negative_id)
+    want = torch.nn.functional.cross_entropy(pair, (~present).long())
+    assert torch.isclose(on["presence"], want) and float(off["presence"]) == 0.0
+    assert torch.isclose(on["total"], off["total"] + 2.0 * want, atol=1e-5)

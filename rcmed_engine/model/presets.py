@@ -107,9 +107,10 @@ def lite_weights_dir() -> Path:
 
 
 def _tiny(weights: str | Path | None, dtype: torch.dtype) -> LoadedModel:
-    torch.manual_seed(0)
     config = read_config(weights) if weights else tiny_config()
-    model = build_model(config, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # seed 0 for the weights, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = build_model(config, dtype=dtype)
     report = load_checkpoint(model, weights) if weights else None
     return LoadedModel(model, str(weights) if weights else "random (seed 0)", report)
 
