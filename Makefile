@@ -26,13 +26,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/latency.py
 
-# Reproduces the shipped lite RCMed parts (hours on a CPU; not yet run, see docs/training.md).
+# Reproduces the shipped lite weights (about 1.5 h on 2 CPU cores; docs/training.md, MODEL_CARD.md).
 train-lite: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin
 	$(PY) -m rcmed_training.init_lite runs/lite/init
 	$(PY) -m rcmed_training.cli fit configs/lite.yaml
-	$(PY) -m rcmed_training.cli fit configs/lite_stage2.yaml
-	cp runs/lite_stage2/final/config.json runs/lite_stage2/final/model.safetensors rcmed_engine/weights/lite/
+	$(PY) -m rcmed_training.cli fit-decoder configs/lite_decoder.yaml
+	cp runs/lite_decoder/final/config.json runs/lite_decoder/final/model.safetensors rcmed_engine/weights/lite/
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -121,15 +121,18 @@ def mask_fractions(result, axis_frame) -> np.ndarray:
 
 def foreign_prompts(engine: Engine, ds, others: list[str], split: str) -> dict:
     """Prompt every case of ``ds`` with the other data set's classes; per slice, is the mask empty?"""
-    fractions = []
+    fractions, presence = [], []
     for case in ds.cases(split):
         volume = read_image(case.image)
         frame = volume.slice_frame("axial")
         for result in engine.segment_many(volume, others, modality=ds.modality, axis="axial"):
             fractions.extend(mask_fractions(result, frame).tolist())
+            presence.extend(np.asarray(result.presence, dtype=float).ravel().tolist())
     f = np.asarray(fractions)
     return {"prompts": others, "slices": int(f.size), "empty": int((f < EMPTY_FRACTION).sum()),
-            "rate": round(float((f < EMPTY_FRACTION).mean()), 4), "max_fraction": round(float(f.max()), 4)}
+            "rate": round(float((f < EMPTY_FRACTION).mean()), 4), "max_fraction": round(float(f.max()), 4),
+            "presence_mean": round(float(np.nanmean(presence)), 4),
+            "presence_below_0.5": round(float(np.mean(np.asarray(presence) < 0.5)), 4)}
 
 
 def absent_slices(engine: Engine, ds, split: str, axes: tuple[str, ...] = ("coronal", "sagittal")) -> dict:
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="lite weights folder (default: the shipped ones)")
     p.add_argument("--split", default="Ts")
     p.add_argument("--skip-box", action="store_true", help="skip the LiteMedSAM box baseline")
+    p.add_argument("--presence-threshold", type=float, default=None,
+                   help="override the weights' presence gate (0: masks are never gated by presence)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lite_heldout.json"))
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -187,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {path} is missing; run `rcmed-train prepare-builtin {data}` first")
     t0 = time.perf_counter()
     engine = Engine.from_preset("lite", a.weights, device="cpu")
+    if a.presence_threshold is not None:
+        engine.model.config.presence_threshold = a.presence_threshold
     report: dict = {"weights": engine.info()["weights"], "trained": engine.info()["trained"], "split": a.split,
+                    "presence_threshold": engine.model.config.presence_threshold,
                     "command": f"rcmed evaluate DATASET --split {a.split} --axis axial -o R.json"
                                + (f" --weights {a.weights}" if a.weights else "")}
     dsets = {k: read_dataset(v) for k, v in sets.items()}

@@ -60,6 +60,18 @@ def _fit(args) -> int:
     return 0
 
 
+def _fit_decoder(args) -> int:
+    from .decoder_stage import fit_decoder
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    last = fit_decoder(args.config, overrides=overrides)
+    print({k: last[k] for k in ("step", "total", "train_slices") if k in last})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rcmed-train", description="RCMed fine-tuning")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -83,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-after", type=int, help="stop after this many steps (the schedule is unchanged)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_fit)
+    p = sub.add_parser("fit-decoder", help="train the mask decoder alone on cached embeddings and prompts")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_fit_decoder)
     args = parser.parse_args(argv)
     from .crd import DescriberError
 

@@ -90,6 +90,8 @@ class DataConfig:
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     negative_fraction: float = 0.25
     foreign_fraction: float = 0.0  # with several data sets: ask for another data set's class (absent)
+    stride: int = 1  # fit-decoder: every stride-th slice
+    dihedral_2d: bool = True  # fit-decoder: 2D images in their 8 rotations/flips
     describer: str = "geometric"  # or "vlm" (with vlm_dir)
     vlm_dir: str | None = None
 
@@ -106,6 +108,7 @@ class ModelConfig:
     init_weights: str | None = None  # an RCMed weights folder to start from
     train: list[str] = field(default_factory=lambda: ["rcmed", "lora", "added_tokens", "mask_decoder"])
     lora_layers: int | None = None  # train the LoRA of only the last N decoder layers (None: all)
+    presence_threshold: float | None = None  # written into the saved weights' config (None: keep)
     cache_features: bool = False  # needs a frozen image encoder
     feature_cache: str | None = None  # default: <out>/feature_cache
     seed: int = 0
@@ -194,6 +197,8 @@ def build_training_model(cfg: ModelConfig) -> RCMed:
             load_checkpoint(model, cfg.init_weights)
     else:
         model = load_preset(cfg.preset, cfg.init_weights).model
+    if cfg.presence_threshold is not None:
+        model.config.presence_threshold = float(cfg.presence_threshold)
     return model
 
 
@@ -538,15 +543,21 @@ def plot_curves(log: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+def _apply_overrides(cfg: TrainConfig, overrides: dict) -> TrainConfig:
+    d = cfg.to_dict()
+    for dotted, value in overrides.items():
+        sec, key = dotted.split(".", 1)
+        if sec not in d:
+            raise ValueError(f"unknown config section in --set {dotted}")
+        d[sec][key] = value
+    return TrainConfig.from_dict(d)
+
+
 def fit(config: str | Path | TrainConfig, resume: str | None = None, stop_after: int | None = None,
         overrides: dict | None = None) -> dict:
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.load(config)
     if overrides:
-        d = cfg.to_dict()
-        for dotted, value in overrides.items():
-            sec, key = dotted.split(".", 1)
-            d[sec][key] = value
-        cfg = TrainConfig.from_dict(d)
+        cfg = _apply_overrides(cfg, overrides)
     trainer = Trainer(cfg)
     if resume:
         trainer.resume(resume)

@@ -337,9 +337,9 @@ def test_shipped_configs_parse():
         assert cfg.loss == LossWeights()
     lite = TrainConfig.load(REPO / "configs" / "lite.yaml")
     assert lite.model.preset == "lite" and lite.model.cache_features and "image_encoder" not in lite.model.train
-    stage2 = TrainConfig.load(REPO / "configs" / "lite_stage2.yaml")
-    assert stage2.loss == LossWeights(presence=1.0) and stage2.model.init_weights == lite.run.out + "/final"
-    assert stage2.model.feature_cache == lite.run.out + "/feature_cache" and stage2.run.seed != lite.run.seed
+    stage2 = TrainConfig.load(REPO / "configs" / "lite_decoder.yaml")
+    assert stage2.model.init_weights == lite.run.out + "/final"
+    assert stage2.model.feature_cache == lite.run.out + "/feature_cache"
     assert json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="frozen image encoder"):
         TrainConfig.from_dict({"model": {"cache_features": True, "train": ["image_encoder"]}})
@@ -491,3 +491,51 @@ def test_presence_term_scores_the_engines_read_out():
     want = torch.nn.functional.cross_entropy(pair, (~present).long())
     assert torch.isclose(on["presence"], want) and float(off["presence"]) == 0.0
     assert torch.isclose(on["total"], off["total"] + 2.0 * want, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- the decoder stage
+def test_decoder_stage_caches_the_engines_inputs_and_trains_only_the_decoder(synth, tmp_path):
+    """fit-decoder: the cached embedding and prompt are what the engine computes; absent and foreign
+    classes have empty targets; only mask_decoder.* changes; the result loads as --weights."""
+    from rcmed_engine.engine import Engine
+    from rcmed_engine.model.presets import load_preset
+    from rcmed_training.decoder_stage import build_decoder_set, fit_decoder
+
+    other = make_synthetic(tmp_path / "other", n_tr=1, seed=1)
+    meta = json.loads((other / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "nucleus": 1}
+    (other / "dataset.json").write_text(json.dumps(meta))
+    stage1 = tmp_path / "stage1"
+    Trainer(tiny_cfg(synth, stage1, **{"optim.total_steps": 2})).fit()
+
+    model = load_preset("tiny", stage1 / "final").model
+    ds = build_decoder_set(model, [str(synth), str(other)], "Tr", ("axial",), None, stride=3)
+    assert ds.classes == ["ball", "box", "nucleus"]
+    present = ds.targets.flatten(2).any(-1)
+    assert present.any() and (~present).any()
+    # the "nucleus" target is empty on every slice of the ball/box data set (one case, first in the list)
+    first = len(LabelledVolumes(synth, "Tr", ("axial",)).slices[::3])
+    assert not present[:first, 2].any()
+    # the prompt is the engine's: same [SEG] prompt as Engine.segment's suffix on that slice
+    engine = Engine(load_preset("tiny", stage1 / "final"), device="cpu")
+    data = LabelledVolumes(synth, "Tr", ("axial",))
+    img, _, _ = data.slice_arrays(data.slices[3])
+    prep = engine.prepare(img.astype(np.float32), "MR", "axial")
+    rgb = to_uint8_rgb(prep.stack, data.entries[0].window)
+    state, _ = engine._prefix_states(rgb, prep.transform)
+    with torch.no_grad():
+        want = engine.model.suffix(state, engine.model.plan_prompt(["ball"], "magnetic resonance")).prompts[0, 0]
+    assert torch.allclose(ds.prompts[1, 0], want, atol=1e-5)
+
+    cfg = tiny_cfg(synth, tmp_path / "dec", **{"data.root": [str(synth), str(other)], "data.stride": 2,
+                                               "model.init_weights": str(stage1 / "final"),
+                                               "optim.total_steps": 4, "optim.batch_size": 4, "run.val_every": 2})
+    summary = fit_decoder(cfg)
+    assert summary["step"] == 4 and summary["train_slices"] > 0
+    log = [json.loads(l) for l in (tmp_path / "dec" / "log.jsonl").read_text().splitlines()]
+    assert any("val_dice" in r for r in log)
+    before = load_preset("tiny", stage1 / "final").model.state_dict()
+    after = load_preset("tiny", tmp_path / "dec" / "final").model
+    assert after.config.trained
+    changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("mask_decoder.") for k in changed)
