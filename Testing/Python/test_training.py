@@ -539,3 +539,12 @@ def test_decoder_stage_caches_the_engines_inputs_and_trains_only_the_decoder(syn
     assert after.config.trained
     changed = {k for k, v in after.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("mask_decoder.") for k in changed)
+
+
+def test_presence_threshold_is_written_into_the_saved_config(synth, tmp_path):
+    from rcmed_engine.model.checkpoint import read_config
+
+    tr = Trainer(tiny_cfg(synth, tmp_path / "run", **{"optim.total_steps": 1, "model.presence_threshold": 0.0}))
+    assert tr.model.config.presence_threshold == 0.0
+    tr.fit()
+    assert read_config(tmp_path / "run" / "final").presence_threshold == 0.0
