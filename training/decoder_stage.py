@@ -219,7 +219,7 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
             for r in record:
                 f.write(json.dumps(r) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{float(total):.3f}")
+        bar.set_postfix(loss=f"{float(total.detach()):.3f}")
     bar.close()
     decoder.eval()
     model.config.trained = True
