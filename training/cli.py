@@ -48,14 +48,19 @@ def _describe(args) -> int:
     return 0
 
 
+def _overrides(args) -> dict:
+    """--set SECTION.KEY=VALUE items, values parsed as YAML."""
+    out = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _fit(args) -> int:
     from .trainer import fit
 
-    overrides = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    last = fit(args.config, resume=args.resume, stop_after=args.stop_after, overrides=overrides)
+    last = fit(args.config, resume=args.resume, stop_after=args.stop_after, overrides=_overrides(args))
     print({k: last[k] for k in ("step", "total") if k in last})
     return 0
 
@@ -63,11 +68,7 @@ def _fit(args) -> int:
 def _fit_decoder(args) -> int:
     from .decoder_stage import fit_decoder
 
-    overrides = {}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    last = fit_decoder(args.config, overrides=overrides)
+    last = fit_decoder(args.config, overrides=_overrides(args))
     print({k: last[k] for k in ("step", "total", "train_slices") if k in last})
     return 0
 

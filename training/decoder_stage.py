@@ -149,16 +149,18 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
     cache = FeatureCache(cfg.model.feature_cache or out / "feature_cache", model)
     d = cfg.data
     t0 = time.perf_counter()
-    bar = tqdm(desc="cache decoder inputs", unit="slice")
+    bars: list = []  # made on the first report: a bad data set fails before any bar is drawn
 
     def progress(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, desc="cache decoder inputs", unit="slice"))
+        bars[0].n = done
+        bars[0].refresh()
 
     train = build_decoder_set(model, d.roots(), d.split, tuple(d.axes), cache, stride=d.stride,
                               dihedral_2d=d.dihedral_2d, progress=progress)
-    bar.close()
+    for bar in bars:
+        bar.close()
     val = None
     if d.val_split:
         val = build_decoder_set(model, d.roots(), d.val_split, tuple(d.axes), cache, limit=d.val_slices,

@@ -548,3 +548,16 @@ def test_presence_threshold_is_written_into_the_saved_config(synth, tmp_path):
     assert tr.model.config.presence_threshold == 0.0
     tr.fit()
     assert read_config(tmp_path / "run" / "final").presence_threshold == 0.0
+
+
+def test_fit_decoder_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from rcmed_training.cli import main
+
+    assert main(["fit-decoder", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["fit-decoder", str(REPO / "configs" / "lite_decoder.yaml"), "--set", "bogus.key=1"]) == 2
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "nowhere")},
+                                   "model": {"preset": "tiny"}, "run": {"out": str(tmp_path / "o")}}))
+    assert main(["fit-decoder", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("rcmed-train: error: ") for line in err)
