@@ -104,7 +104,7 @@ def litemedsam_box_baseline(engine: Engine, ds, split: str, axis: str = "axial")
                 m = mask_to_frame(mask, plan) > 0.5
                 rows, cols = np.nonzero(m)
                 box = torch.tensor([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], dtype=torch.float32)
-                low, iou = _decode(model, neck, boxes=box)
+                low, _ = _decode(model, neck, boxes=box)
                 logits = postprocess_logits(low[:, :1], plan)[0, 0]
                 preds[name][i] = (logits > 0).numpy()
         for name, value in ds.classes.items():
@@ -113,6 +113,13 @@ def litemedsam_box_baseline(engine: Engine, ds, split: str, axis: str = "axial")
 
 
 # ------------------------------------------------------------------------------------------- absence
+def empty_stats(fractions) -> dict:
+    """How many of these per-slice mask fractions count as an empty mask."""
+    f = np.asarray(fractions)
+    return {"slices": int(f.size), "empty": int((f < EMPTY_FRACTION).sum()),
+            "rate": round(float((f < EMPTY_FRACTION).mean()), 4)}
+
+
 def mask_fractions(result, axis_frame) -> np.ndarray:
     """Per slice along the cut axis: the share of the slice the mask covers."""
     stack = to_slices(result.labels > 0, axis_frame)
@@ -128,9 +135,7 @@ def foreign_prompts(engine: Engine, ds, others: list[str], split: str) -> dict:
         for result in engine.segment_many(volume, others, modality=ds.modality, axis="axial"):
             fractions.extend(mask_fractions(result, frame).tolist())
             presence.extend(np.asarray(result.presence, dtype=float).ravel().tolist())
-    f = np.asarray(fractions)
-    return {"prompts": others, "slices": int(f.size), "empty": int((f < EMPTY_FRACTION).sum()),
-            "rate": round(float((f < EMPTY_FRACTION).mean()), 4), "max_fraction": round(float(f.max()), 4),
+    return {"prompts": others, **empty_stats(fractions), "max_fraction": round(float(max(fractions)), 4),
             "presence_mean": round(float(np.nanmean(presence)), 4),
             "presence_below_0.5": round(float(np.mean(np.asarray(presence) < 0.5)), 4)}
 
@@ -153,13 +158,7 @@ def absent_slices(engine: Engine, ds, split: str, axes: tuple[str, ...] = ("coro
                     result = engine.segment_many(volume, [name], modality=ds.modality, axis=axis,
                                                  slices=(lo, hi))[0]
                     per_class[name].extend(mask_fractions(result, frame)[lo:hi].tolist())
-    out = {}
-    for name, f in per_class.items():
-        f = np.asarray(f)
-        if f.size:
-            out[name] = {"slices": int(f.size), "empty": int((f < EMPTY_FRACTION).sum()),
-                         "rate": round(float((f < EMPTY_FRACTION).mean()), 4)}
-    return out
+    return {name: empty_stats(f) for name, f in per_class.items() if f}
 
 
 def _runs(idx: np.ndarray) -> list[tuple[int, int]]:

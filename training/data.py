@@ -127,14 +127,26 @@ class LabelledVolumes:
         img, _, _ = self.slice_arrays(ref)
         return to_uint8_rgb(img[None], self.entries[ref.case].window)[0]
 
-    def prepare(self, ref: SliceRef, image_size: int, pixel_mean, pixel_std, bgr: bool
+    def prepare(self, ref: SliceRef, image_size: int, pixel_mean, pixel_std, bgr: bool, dihedral: int = 0
                 ) -> tuple[torch.Tensor, np.ndarray, SliceTransform, np.ndarray]:
-        """Encoder input (3, S, S), the label slice, the plan and the 8-bit RGB slice."""
+        """Encoder input (3, S, S), the label slice, the plan and the 8-bit RGB slice.
+
+        dihedral: 0-7, the slice and its labels rotated by 90° x (k % 4), then mirrored when k >= 4
+        (an augmentation; 0 is the slice as the engine cuts it)."""
         img, lab, frame = self.slice_arrays(ref)
+        spacing = frame.pixel_spacing
+        if dihedral:
+            img, lab = _dihedral(img, dihedral), _dihedral(lab, dihedral)
+            spacing = spacing if dihedral % 2 == 0 else spacing[::-1]
         rgb = to_uint8_rgb(img[None], self.entries[ref.case].window)
-        plan = plan_resize(img.shape[:2], image_size, frame.pixel_spacing)
+        plan = plan_resize(img.shape[:2], image_size, spacing)
         pixels = prepare_slices(rgb, plan, pixel_mean, pixel_std, bgr=bgr)[0]
         return pixels, lab, plan, rgb[0]
+
+
+def _dihedral(array: np.ndarray, k: int) -> np.ndarray:
+    out = np.rot90(array, k % 4, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
 def mask_to_frame(mask: np.ndarray, plan: SliceTransform) -> np.ndarray:

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rcmed_engine.evaluate import dice
 from rcmed_engine.model.checkpoint import save_checkpoint
-from rcmed_engine.preprocess import plan_resize, prepare_slices, to_uint8_rgb
+from rcmed_engine.model.rcmed import ImageFeatures
 
 from .data import LabelledVolumes, mask_to_frame
 from .features import FeatureCache
 from .losses import boundary_bce, mask_bce, mask_dice
-from .trainer import SAVE_DTYPES, TrainConfig, build_training_model, lr_lambda, plot_curves
+from .trainer import SAVE_DTYPES, TrainConfig, build_training_model, make_optimizer, plot_curves
 
 
 @dataclass
@@ -49,11 +50,6 @@ class DecoderSet:
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
-
-
-def _dihedral(array: np.ndarray, k: int) -> np.ndarray:
-    out = np.rot90(array, k % 4, axes=(0, 1))
-    return np.ascontiguousarray(out[:, ::-1] if k >= 4 else out)
 
 
 @torch.no_grad()
@@ -84,12 +80,8 @@ def build_decoder_set(model, roots: list[str], split: str, axes: tuple[str, ...]
         chunk = items[start:start + batch]
         pixels, masks = [], []
         for d, ref, k in chunk:
-            img, lab, frame = d.slice_arrays(ref)
-            img, lab = _dihedral(img, k), _dihedral(lab, k)
-            spacing = frame.pixel_spacing if k % 2 == 0 else frame.pixel_spacing[::-1]
-            rgb = to_uint8_rgb(img[None], d.entries[ref.case].window)
-            plan = plan_resize(img.shape[:2], size, spacing)
-            pixels.append(prepare_slices(rgb, plan, cfg.pixel_mean, cfg.pixel_std, bgr=bgr)[0])
+            px, lab, plan, _ = d.prepare(ref, size, cfg.pixel_mean, cfg.pixel_std, bgr, dihedral=k)
+            pixels.append(px)
             t = torch.zeros((len(classes), size, size), dtype=torch.bool)
             for ci, name in enumerate(classes):
                 if name in d.classes:
@@ -101,8 +93,6 @@ def build_decoder_set(model, roots: list[str], split: str, axes: tuple[str, ...]
         rows_emb, rows_prompt = [None] * len(chunk), [None] * len(chunk)
         for d in {id(c[0]): c[0] for c in chunk}.values():
             idx = [j for j, c in enumerate(chunk) if c[0] is d]
-            from rcmed_engine.model.rcmed import ImageFeatures
-
             prefix = model.prefix(ImageFeatures(feats.neck[idx], feats.pre_neck[idx]))
             per_class = []
             for name in classes:
@@ -120,14 +110,6 @@ def build_decoder_set(model, roots: list[str], split: str, axes: tuple[str, ...]
         if progress:
             progress(min(start + batch, len(items)), len(items))
     return DecoderSet(torch.stack(embeddings), torch.stack(prompts), torch.stack(targets), classes)
-
-
-def _dice_at_zero(logits: torch.Tensor, target: torch.Tensor) -> list[float]:
-    out = []
-    for p, g in zip(logits > 0, target):
-        denom = int(p.sum() + g.sum())
-        out.append(1.0 if denom == 0 else 2.0 * int((p & g).sum()) / denom)
-    return out
 
 
 def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None) -> dict:
@@ -170,12 +152,8 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
     decoder = model.mask_decoder
     decoder.train().requires_grad_(True)
     o = cfg.optim
-    params = [p for p in decoder.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, o.total_steps))
+    params = list(decoder.parameters())
+    optimizer, scheduler = make_optimizer(params, o)
     present = train.targets.flatten(2).any(-1)  # (N, C)
     pos = present.nonzero().tolist()
     neg = (~present).nonzero().tolist()
@@ -249,7 +227,7 @@ def _validate(model, val: DecoderSet) -> float:
             low = model.decode_masks(emb, val.prompts[n, cs].to(model.device, model.dtype)[:, None])[:, 0]
             logits = F.interpolate(low[:, None].float(), size=val.targets.shape[-2:], mode="bilinear",
                                    align_corners=False)[:, 0]
-            scores += _dice_at_zero(logits, val.targets[n, cs])
+            scores += [dice(p.numpy(), g.numpy()) for p, g in zip(logits.cpu() > 0, val.targets[n, cs])]
     finally:
         model.mask_decoder.train()
     return float(np.mean(scores)) if scores else math.nan

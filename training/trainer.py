@@ -309,6 +309,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def make_optimizer(parameters, o: OptimConfig):
+    """AdamW over the parameters that require grad (no decay on biases, norms and rows-only embeddings)
+    and the released WarmupDecayLR schedule."""
+    decay, no_decay = [], []
+    for p in parameters:
+        if p.requires_grad:
+            # Rows-only embeddings must not decay: AdamW would shrink the frozen base rows too.
+            (no_decay if getattr(p, "_rcmed_rows_only", False) or p.ndim < 2 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, o.total_steps))
+
+
 def param_digest(model: nn.Module) -> dict[str, str]:
     """SHA-256 per trainable parameter: equal across ranks iff they are in sync."""
     return {n: hashlib.sha256(p.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
@@ -349,14 +362,7 @@ class Trainer:
                 self.val += vs.validation(cfg.data.val_slices, cfg.run.seed)
         self.sampler = samplers[0] if len(samplers) == 1 else MultiSampler(samplers, cfg.data.foreign_fraction)
         o = cfg.optim
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                # Rows-only embeddings must not decay: AdamW would shrink the frozen base rows too.
-                (no_decay if getattr(p, "_rcmed_rows_only", False) or p.ndim < 2 else decay).append(p)
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.warmup_steps, o.total_steps))
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), o)
         self.module = LossModule(self.model, cfg.loss)
         self.ddp = self.module
         if self.world > 1:
