@@ -297,7 +297,7 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self.ui.promptComboBox.currentText
         wasBlocked = self.ui.promptComboBox.blockSignals(True)
         self.ui.promptComboBox.clear()
-        for choice in s.prompt_choices():
+        for choice in s.prompt_choices(engines.trained_vocabulary(s.engine_spec())):
             self.ui.promptComboBox.addItem(choice)
         self.ui.promptComboBox.setEditText(current)
         self.ui.promptComboBox.blockSignals(wasBlocked)
@@ -423,7 +423,8 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("RCMed: writing the result failed")
                 self.ui.statusLabel.text = f"Writing the result failed: {exc}"
             else:
-                self.ui.answerTextEdit.plainText = segmenting.readable_answer(job.result.answer)
+                notes = list(getattr(job.result, "notes", []) or [])
+                self.ui.answerTextEdit.plainText = "\n".join([segmenting.readable_answer(job.result.answer), *notes])
                 self.ui.answerTextEdit.toolTip = job.result.answer  # the raw answer, with its tokens
                 self.ui.presenceLabel.text = segmenting.presence_text(items)
                 names = ", ".join(m.name for m in items)

@@ -193,8 +193,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         close()
     write_labelmap(out, result.labels, result.geometry, result.segments(), reference_2d=volume.is_2d)
     voxels = {t: int((result.labels == i + 1).sum()) for i, t in enumerate(result.targets)}
+    for note in result.notes:
+        print(f"rcmed: note: {note}", file=sys.stderr)
     print(json.dumps({"output": str(out), "targets": result.targets, "voxels": voxels, "answer": result.answer,
-                      "modality": result.modality, "axis": result.axis,
+                      "modality": result.modality, "axis": result.axis, "notes": result.notes,
                       "seconds": round(result.timings["total_s"], 3)}))
     return 0
 

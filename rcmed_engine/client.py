@@ -415,7 +415,7 @@ class RemoteEngine:
             labels=labels, geometry=geometry, targets=list(data["targets"]), presence=presence.astype(np.float32),
             slices=(int(data["slices"][0]), int(data["slices"][1])), axis=data["axis"], modality=data["modality"],
             answer=data["answer"], prompt=data["prompt"], timings=dict(data["timings"]),
-            provenance=dict(data["provenance"]))
+            provenance=dict(data["provenance"]), notes=[str(n) for n in data.get("notes", [])])
 
     # ----------------------------------------------------------------------------------------- classes
     def register_class(self, image: Volume | np.ndarray, mask: Volume | np.ndarray, name: str,

@@ -24,6 +24,7 @@ from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonic
                          infer_modality, intensity_window, plan_resize, postprocess_logits, prepare_slices,
                          to_uint8_rgb)
 from .prompts import parse_targets
+from .vocabulary import resolve_targets
 from .results import Cancelled, CancelToken, EngineError, SegmentResult, as_volume  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ class Engine:
             "image_tokens": cfg.num_image_tokens,
             "language_model": cfg.language_model.source,
             "cache_mb": round((self._features.nbytes + self._prefixes.nbytes) / 2**20, 1),
+            "presence_threshold": cfg.presence_threshold,
+            "vocabulary": list(cfg.vocabulary),
         }
 
     def provenance(self, prompt: str) -> dict[str, str]:
@@ -301,14 +304,19 @@ class Engine:
                      otfa: "OTFAConfig | None" = None) -> list[SegmentResult]:
         """Several prompts on one image, sharing the encoder and prefix work of every slice."""
         t_start = time.perf_counter()
-        targets = [parse_targets(p) for p in prompts]
+        parsed = [parse_targets(p) for p in prompts]
         with self._lock:
             prep = self.prepare(image, modality, axis)
             n = prep.stack.shape[0]
             lo, hi = self._check_range(slices, n)
             modality_text = MODALITY_TEXT[prep.modality]
+            adapt = self._plan_adaptation(parsed, registry, otfa)  # None: no registered class, the plain path
+            # Typed words become the class names the weights were trained on; registered classes stay as typed.
+            resolved = [resolve_targets(t, self.model.config.vocabulary, f"the {self.preset} weights",
+                                        keep=set(adapt.adapters[p]) if adapt is not None else set())
+                        for p, t in enumerate(parsed)]
+            targets = [r[0] for r in resolved]
             plans = [self.model.plan_prompt(t, modality_text) for t in targets]
-            adapt = self._plan_adaptation(targets, registry, otfa)  # None: no registered class, the plain path
             rows, cols = prep.stack.shape[1:3]
             stacks = [np.zeros((n, rows, cols), dtype=np.uint8) for _ in plans]
             presence = [np.full((len(t), n), np.nan, dtype=np.float32) for t in targets]
@@ -358,7 +366,7 @@ class Engine:
                     labels=labels, geometry=prep.volume.geometry, targets=targets[p], presence=presence[p],
                     slices=(lo, hi), axis=axis, modality=prep.modality, answer=plans[p].answer, prompt=prompt,
                     timings={**timings, "total_s": total, "slices": float(hi - lo)},
-                    provenance=self.provenance(prompt)))
+                    provenance=self.provenance(prompt), notes=resolved[p][1]))
             return results
 
     @staticmethod

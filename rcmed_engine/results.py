@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -43,6 +43,7 @@ class SegmentResult:
     prompt: str
     timings: dict[str, float]
     provenance: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # e.g. a target the weights were not trained on
 
     def mask(self, target: int | str = 0) -> np.ndarray:
         index = self.targets.index(target) if isinstance(target, str) else target

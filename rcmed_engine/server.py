@@ -401,7 +401,8 @@ def result_to_wire(result: Any, codec: str = "zstd") -> dict[str, Any]:
             "labels": wire.encode_labels(result.labels, codec),
             "presence": wire.encode_array(result.presence, codec),
             "timings": {k: float(v) for k, v in result.timings.items()},
-            "provenance": {k: str(v) for k, v in result.provenance.items()}}
+            "provenance": {k: str(v) for k, v in result.provenance.items()},
+            "notes": [str(n) for n in getattr(result, "notes", [])]}
 
 
 # ----------------------------------------------------------------------------------------- state

@@ -192,6 +192,20 @@ def register_class(engine: Any, volume: Any, mask: Any, name: str, axis: str, sl
     return method(volume, mask, name, **kwargs)
 
 
+def trained_vocabulary(spec: EngineSpec) -> list[str]:
+    """The classes a local engine's weights were trained on, without loading them (remote: unknown, [])."""
+    s = spec.normalized()
+    if s.mode == REMOTE:
+        return []
+    try:
+        from rcmed_engine.vocabulary import weights_vocabulary
+    except ImportError:  # the engine is not installed yet
+        return []
+    if s.weights:
+        return weights_vocabulary(s.weights)
+    return weights_vocabulary() if s.preset == "lite" else []
+
+
 def engine_info(engine: Any) -> dict[str, Any]:
     info = getattr(engine, "info", None)
     return dict(info()) if callable(info) else {}

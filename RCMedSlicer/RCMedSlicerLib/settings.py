@@ -57,10 +57,16 @@ class Settings:
     def with_learned_class(self, name: str) -> "Settings":
         return replace(self, learned_classes=push_recent(self.learned_classes, name, limit=200))
 
-    def prompt_choices(self) -> list[str]:
-        """What the prompt box offers: recent prompts, then learned classes not already among them."""
-        seen = {p.lower() for p in self.recent_prompts}
-        return list(self.recent_prompts) + [c for c in self.learned_classes if c.lower() not in seen]
+    def prompt_choices(self, vocabulary: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """What the prompt box offers: recent prompts, then learned classes, then the classes the weights
+        were trained on (``vocabulary``), each once."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for choice in (*self.recent_prompts, *self.learned_classes, *vocabulary):
+            if choice.lower() not in seen:
+                seen.add(choice.lower())
+                out.append(choice)
+        return out
 
     # ------------------------------------------------------------------------------------- (de)serialize
     def to_strings(self) -> dict[str, str]:

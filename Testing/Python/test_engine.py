@@ -432,3 +432,20 @@ def test_bf16_engine_matches_fp32_closely():
     b = Engine(load_preset("tiny"), device="cpu", dtype=torch.bfloat16).segment(vol, "liver", modality="MR").labels
     assert a.shape == b.shape
     assert (a == b).mean() > 0.95
+
+
+def test_vocabulary_maps_synonyms_and_notes_the_rest():
+    """Weights that list a vocabulary: a synonym gets the trained class's own mask, bit for bit; a word
+    outside it is still asked and the result says the weights never saw it."""
+    engine = tiny_engine()
+    engine.model.config.vocabulary = ("caudate nucleus", "left thalamus")
+    vol = np.random.default_rng(3).random((3, 40, 40)).astype(np.float32)
+    typed, named, other = engine.segment_many(vol, ["Caudate", "caudate nucleus", "left thalamus and liver"],
+                                              modality="MR")
+    assert typed.targets == named.targets == ["caudate nucleus"]
+    assert np.array_equal(typed.labels, named.labels) and np.array_equal(typed.presence, named.presence)
+    assert typed.notes == [] and other.targets == ["left thalamus", "liver"]
+    assert len(other.notes) == 1 and "not trained on 'liver'" in other.notes[0]
+    assert engine.info()["vocabulary"] == ["caudate nucleus", "left thalamus"]
+    engine.model.config.vocabulary = ()
+    assert engine.segment(vol, "Caudate", modality="MR").targets == ["Caudate"]  # no vocabulary: as typed

@@ -98,6 +98,7 @@ class RCMedConfig:
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
     presence_threshold: float = 0.5
     trained: bool = False  # whether the RCMed parts were trained (``rcmed info`` reports it)
+    vocabulary: tuple[str, ...] = ()  # the classes the weights were trained on (empty: not listed)
 
     @property
     def num_image_tokens(self) -> int:
@@ -116,7 +117,7 @@ class RCMedConfig:
         kwargs["image_encoder"] = _sub(ImageEncoderConfig, data.get("image_encoder", {}))
         kwargs["language_model"] = _sub(LanguageModelConfig, data.get("language_model", {}))
         kwargs["prompt"] = _sub(PromptConfig, data.get("prompt", {}))
-        for key in ("pixel_mean", "pixel_std"):
+        for key in ("pixel_mean", "pixel_std", "vocabulary"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
