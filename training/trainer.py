@@ -220,9 +220,10 @@ def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None
     if lora_layers is not None:
         first_lora = max(0, model.language_model.config.num_hidden_layers - lora_layers)
     embed = model.language_model.get_input_embeddings().weight
+    whole = tuple(prefix for part, prefix in SAVE_PREFIXES.items() if part in parts)
     for name, p in model.named_parameters():
         lora = "lora" in parts and ".lora_" in name and (_layer_index(name) or 0) >= first_lora
-        if (own and name.startswith(own)) or lora:
+        if (own and name.startswith(own)) or lora or (whole and name.startswith(whole)):
             p.requires_grad_(True)
     if first_lora:
         # Frozen adapters below the trained layers: their dropout masks are a tenth of a CPU step for nothing.
@@ -230,9 +231,6 @@ def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None
             if name.endswith("lora_dropout") and (_layer_index(name + ".") or 0) < first_lora:
                 for key in list(module.keys()):
                     module[key] = nn.Identity()
-        for part, prefix in SAVE_PREFIXES.items():
-            if part in parts and name.startswith(prefix):
-                p.requires_grad_(True)
     if "added_tokens" in parts and not embed.requires_grad:
         embed.requires_grad_(True)
         rows = added_token_rows(model)

@@ -269,6 +269,9 @@ def test_fit_synth_trains_the_v_l_projection_and_every_lora_layer(phantom, tmp_p
     trainer = SynthTrainer(_tiny_synth_config(tmp_path), source=src)
     names = set(trainer.trainable)
     assert any(n.startswith("vl_projection.") for n in names)
+    decoder = {n for n, _ in trainer.model.named_parameters() if n.startswith("mask_decoder.")}
+    assert decoder and decoder <= names  # the whole mask decoder learns
+    assert not any(n.startswith(("image_encoder.", "prompt_encoder.")) for n in names)
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n in names if ".lora_" in n}
     assert layers == set(range(trainer.model.language_model.config.num_hidden_layers))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
