@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="anatomical plane to cut along, in patient space (default axial)")
     seg.add_argument("--slices", default=None, help="A:B, voxel indices along the cut axis (default all)")
     seg.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
+    seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     _add_model_args(seg)
     _add_remote_args(seg)
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
     ev.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many cases")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report if it exists (default: refuse)")
     _add_model_args(ev)
     _add_remote_args(ev)
 
@@ -138,6 +140,10 @@ def _engine(args: argparse.Namespace):
         return remote
     from .engine import Engine
 
+    if not sys.stderr.isatty():  # transformers' own loading bars are noise in a log or a pipe
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
 
 
@@ -165,48 +171,130 @@ def cmd_convert_syre(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: str, suffixes: Sequence[str]) -> Path:
-    out = Path(path)
+def _check_output(path: str, suffixes: Sequence[str], overwrite: bool = False) -> Path:
+    """The output path, checked before anything heavy runs: its folder exists and takes a new file, its
+    suffix is known, and an existing file is replaced only with --overwrite."""
+    out = Path(path).expanduser()
     if not out.parent.is_dir():
         raise CLIError(f"output folder does not exist: {out.parent}")
     if not any(out.name.lower().endswith(s) for s in suffixes):
         raise CLIError(f"unsupported output {out.name}: use one of {', '.join(suffixes)}")
+    if out.is_dir():
+        raise CLIError(f"the output {out} is a folder; name a file")
+    if out.exists() and not overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it")
+    _check_writable(out.parent)
     return out
 
 
+def _check_writable(folder: Path) -> None:
+    """Create and remove a file in ``folder``: permissions and read-only file systems both show here."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".rcmed-check.", dir=folder):
+            pass
+    except OSError as exc:
+        raise CLIError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def _check_room(folder: Path, nbytes: int) -> None:
+    """Refuse early when the output's folder has less free space than a conservative size estimate."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise CLIError(f"not enough room in {folder}: the output may take {nbytes / 2**20:.0f} MB, "
+                       f"{free / 2**20:.0f} MB are free")
+
+
+def _modality(args: argparse.Namespace, volume) -> str:
+    """--modality, else what the file says, else a guess that is said on stderr (never silent)."""
+    if args.modality:
+        return args.modality
+    from .preprocess import guess_modality
+
+    modality, why = guess_modality(volume.array, volume.meta)
+    if why.startswith("guessed"):
+        print(f"rcmed: note: assuming modality {modality} ({why}); pass --modality to change it",
+              file=sys.stderr)
+    return modality
+
+
+def _loading(args: argparse.Namespace) -> None:
+    """A line while the model loads (several seconds), on a terminal only, like the progress bars."""
+    if not getattr(args, "server", None) and sys.stderr.isatty():
+        print(f"rcmed: loading the {args.preset} model...", file=sys.stderr, flush=True)
+
+
+def target_sentences(result) -> list[str]:
+    """One plain sentence per target: found or not, its presence score, voxels and volume."""
+    import numpy as np
+
+    voxel_ml = float(np.prod(result.geometry.spacing)) / 1000.0
+    lines = []
+    for i, name in enumerate(result.targets):
+        voxels = int((result.labels == i + 1).sum())
+        scores = result.presence[i][np.isfinite(result.presence[i])]
+        score = f"{float(scores.max()):.2f}" if scores.size else "n/a"
+        if voxels:
+            lines.append(f"{name}: present (presence {score}), {voxels:,} voxels, {voxels * voxel_ml:,.1f} mL")
+        else:
+            lines.append(f"{name}: absent (highest presence {score}); the mask is empty")
+    return lines
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .engine import parse_slice_range
+    import numpy as np
+
+    from .geometry import parse_slice_range
     from .io import OUTPUT_SUFFIXES, read_image, write_labelmap
     from .prompts import parse_targets
 
     registry = _registry_arg(args)
-    out = _check_output(args.output, OUTPUT_SUFFIXES)
+    out = _check_output(args.output, OUTPUT_SUFFIXES, args.overwrite)
     parse_targets(args.prompt)  # a bad prompt fails before the model loads
     slices = parse_slice_range(args.slices)
     volume = read_image(args.image)
+    _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
+    modality = _modality(args, volume)
+    _loading(args)
     engine = _engine(args)
     update, close = _progress_bar("segment")
     try:
-        result = engine.segment(volume, args.prompt, modality=args.modality, axis=args.axis, slices=slices,
+        result = engine.segment(volume, args.prompt, modality=modality, axis=args.axis, slices=slices,
                                 progress=update, **({"registry": registry} if registry else {}))
     finally:
         close()
     write_labelmap(out, result.labels, result.geometry, result.segments(), reference_2d=volume.is_2d)
-    voxels = {t: int((result.labels == i + 1).sum()) for i, t in enumerate(result.targets)}
     for note in result.notes:
         print(f"rcmed: note: {note}", file=sys.stderr)
-    print(json.dumps({"output": str(out), "targets": result.targets, "voxels": voxels, "answer": result.answer,
-                      "modality": result.modality, "axis": result.axis, "notes": result.notes,
-                      "seconds": round(result.timings["total_s"], 3)}))
+    for line in target_sentences(result):
+        print(line, file=sys.stderr)
+    voxels = {t: int((result.labels == i + 1).sum()) for i, t in enumerate(result.targets)}
+    print(json.dumps({"output": str(out), "targets": result.targets, "voxels": voxels,
+                      "presence": {t: _max_presence(result, i) for i, t in enumerate(result.targets)},
+                      "answer": result.answer, "modality": result.modality, "axis": result.axis,
+                      "notes": result.notes, "seconds": round(result.timings["total_s"], 3)}))
     return 0
+
+
+def _max_presence(result, i: int) -> float | None:
+    import numpy as np
+
+    scores = result.presence[i][np.isfinite(result.presence[i])]
+    return round(float(scores.max()), 4) if scores.size else None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_dataset
     from .io import write_json_atomic
 
+    out = _check_output(args.output, (".json",), args.overwrite)
     registry = _registry_arg(args)
-    out = _check_output(args.output, (".json",))
+    if not Path(args.dataset, "dataset.json").is_file():
+        raise CLIError(f"no dataset.json in {args.dataset}: not an nnU-Net v2 raw data set")
+    _loading(args)
     engine = _engine(args)
     if registry and hasattr(engine, "use_registry"):
         engine.use_registry(registry)  # evaluate_dataset's segment_many calls then use it
@@ -264,17 +352,29 @@ def _registry_arg(args: argparse.Namespace) -> str | None:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from .io import read_image
-    from .otfa import validate_name
+    from .prompts import parse_targets
 
-    validate_name(args.name)  # a bad name fails before anything loads
-    if Path(args.registry).exists() and not Path(args.registry).is_dir():
+    if len(parse_targets(args.name)) != 1:  # the cheap part of otfa.validate_name, before torch loads
+        raise CLIError(f"the class name {args.name!r} reads as several prompt targets; use a name without "
+                       "commas or 'and', e.g. 'lateral ventricles'")
+    registry = Path(args.registry)
+    if registry.exists() and not registry.is_dir():
         raise CLIError(f"--registry {args.registry} is a file, not a folder")
+    if not getattr(args, "server", None):
+        if not registry.parent.is_dir():
+            raise CLIError(f"the registry's parent folder does not exist: {registry.parent}")
+        _check_writable(registry if registry.is_dir() else registry.parent)
     volume = read_image(args.image)
     mask = read_image(args.mask)
+    from .otfa import validate_name
+
+    validate_name(args.name)
+    modality = _modality(args, volume)
+    _loading(args)
     engine = _engine(args)
     kwargs: dict[str, Any] = {"label": args.label, "axis": args.axis, "slice": args.slice}
     if not getattr(args, "server", None):
-        kwargs.update(registry=args.registry, modality=args.modality)
+        kwargs.update(registry=args.registry, modality=modality)
     info = engine.register_class(volume, mask, args.name, **kwargs)
     print(json.dumps(info if isinstance(info, dict) else {"name": args.name, "info": info}))
     return 0

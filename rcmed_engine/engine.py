@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .geometry import SliceFrame, Volume, from_slices, to_slices
+from .geometry import SliceFrame, Volume, from_slices, parse_slice_range, to_slices  # noqa: F401 (re-exported)
 from .model.presets import LoadedModel, load_preset
 from .model.rcmed import ImageFeatures, PrefixState, RCMed
 from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonical_modality, content_hash,
@@ -88,19 +88,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise EngineError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
-
-
-def parse_slice_range(text: str | None) -> tuple[int | None, int | None] | None:
-    """'A:B' → (A, B); 'A:' and ':B' leave one end open; None → None."""
-    if text is None:
-        return None
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise EngineError(f"--slices must look like A:B, got {text!r}")
-    try:
-        return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
-    except ValueError:
-        raise EngineError(f"--slices must be two whole numbers A:B, got {text!r}") from None
 
 
 class Engine:
@@ -489,6 +476,7 @@ class Engine:
             feats, _ = self._image_features(rgb, prep.transform)
             support = np.ascontiguousarray(mstack[k])
             record = {"source_sha256": content_hash(np.asarray(volume.array)), "slice": k, "axis": axis,
+                      "mask_sha256": content_hash(np.ascontiguousarray(mstack[k]).astype(np.uint8)),
                       "slices_on_axis": n, "modality": "unknown" if modality == "unknown" else prep.modality,
                       "area_pixels": int(areas[k]),
                       "image_shape": list(volume.shape_zyx), "preset": self.preset,

@@ -76,6 +76,20 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
 
 
+def slices_along(path: str | Path, axis: str) -> int:
+    """How many slices the engine cuts from an image along ``axis``, from its header alone."""
+    import SimpleITK as sitk
+
+    from .geometry import Geometry, slice_frame
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    shape_zyx = (tuple(reader.GetSize()) + (1,))[:3][::-1] if reader.GetDimension() == 2 else tuple(reader.GetSize())[::-1]
+    frame = slice_frame(Geometry.from_sitk(reader), axis, shape_zyx)
+    return int(shape_zyx[frame.slice_axis])
+
+
 def evaluate_dataset(engine, root: str | Path, split: str = "Ts", axis: str = "axial", limit: int | None = None,
                      progress: Callable[[int, int], None] | None = None) -> dict:
     """Prompt every foreground class by its name on every case; Dice per case and class."""
@@ -84,20 +98,28 @@ def evaluate_dataset(engine, root: str | Path, split: str = "Ts", axis: str = "a
     started = time.perf_counter()
     rows = []
     names = list(ds.classes)
+    counts = [slices_along(case.image, axis) for case in cases]  # progress counts slices, not cases
+    total, done = sum(counts), 0
+
+    def case_progress(k: int, n: int) -> None:
+        if progress:
+            progress(done + k, total)
+
     for n, case in enumerate(cases):
         image = read_image(case.image)
         truth = read_image(case.label).array
         if truth.shape != image.array.shape[:3]:
             raise DatasetError(f"case {case.case_id}: label shape {truth.shape} != image shape {image.array.shape}")
         t0 = time.perf_counter()
-        results = engine.segment_many(image, names, modality=ds.modality, axis=axis)
+        results = engine.segment_many(image, names, modality=ds.modality, axis=axis, progress=case_progress)
         seconds = (time.perf_counter() - t0) / len(names)
         for name, result in zip(names, results):
             rows.append({"case": case.case_id, "class": name,
                          "dice": round(dice(result.labels == 1, truth == ds.classes[name]), 6),
                          "seconds": round(seconds, 4)})
+        done += counts[n]
         if progress:
-            progress(n + 1, len(cases))
+            progress(done, total)
     classes = {}
     for name in names:
         scores = [r["dice"] for r in rows if r["class"] == name]

@@ -343,3 +343,16 @@ def from_slices(stack: np.ndarray, frame: SliceFrame) -> np.ndarray:
         stack = stack[:, :, ::-1]
     inverse = tuple(int(a) for a in np.argsort(frame.axes))
     return np.transpose(stack, inverse + tuple(range(3, stack.ndim)))
+
+
+def parse_slice_range(text: str | None) -> tuple[int | None, int | None] | None:
+    """'A:B' → (A, B); 'A:' and ':B' leave one end open; None → None. Raises ValueError (one line)."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"--slices must look like A:B, got {text!r}")
+    try:
+        return tuple(int(p) if p.strip() else None for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"--slices must be two whole numbers A:B, got {text!r}") from None

@@ -196,8 +196,32 @@ def read_image(path: str | Path) -> Volume:
     meta: dict[str, Any] = {"source": str(p)}
     if "0008|0060" in keys:
         meta.update(_modality_meta(reader.GetMetaData("0008|0060")))
+    else:
+        stated = _stated_modality(reader, keys)
+        if stated:
+            meta["modality"], meta["modality_from"] = stated
     side_field = reader.GetMetaData(_GEOMETRY_KEY) if _GEOMETRY_KEY in keys else None
     return _volume_from_sitk(image, p, meta, side_field)
+
+
+# Header fields that may name the modality: NRRD/MHA keys (ours, Slicer's and common ones), and the NIfTI
+# description, read only when it names a modality as a whole word ("T1w MPRAGE", "CT head").
+_MODALITY_KEYS = ("modality", "Modality", "RCMed.modality")
+_DESCRIP_WORDS = {"CT": "CT", "MR": "MR", "MRI": "MR", "T1": "MR", "T1W": "MR", "T2": "MR", "T2W": "MR",
+                  "FLAIR": "MR", "MPRAGE": "MR", "DWI": "MR", "PET": "PET", "PT": "PET"}
+
+
+def _stated_modality(reader: sitk.ImageFileReader, keys: set[str]) -> tuple[str, str] | None:
+    """(modality, where it was read) when the file's header says it, else None."""
+    for key in _MODALITY_KEYS:
+        if key in keys and reader.GetMetaData(key).strip():
+            return reader.GetMetaData(key).strip(), f"the header field {key!r}"
+    if "descrip" in keys:
+        words = re.findall(r"[A-Za-z0-9]+", reader.GetMetaData("descrip").upper())
+        found = {_DESCRIP_WORDS[w] for w in words if w in _DESCRIP_WORDS}
+        if len(found) == 1:
+            return found.pop(), "the NIfTI description"
+    return None
 
 
 def _check_header(p: Path, dim: int, size: tuple[int, ...]) -> None:

@@ -819,6 +819,11 @@ class ClassRegistry:
                         f"class {entry['name']!r} was registered with the {entry['preset']} preset "
                         f"({entry['embedding_dim']}-channel embeddings); this model is {preset} "
                         f"({embedding_dim} channels). Register it under another name or in another registry")
+                same = ("source_sha256", "axis", "slice", "mask_sha256")
+                if record and all(record.get(f) is not None for f in same) and any(
+                        all(old.get(f) == record[f] for f in same) for old in entry.get("shots", [])):
+                    raise RegistryError(f"class {entry['name']!r} already has this shot (the same image, slice "
+                                        f"{record['slice']} and outline); nothing was added")
                 shots = self._shots(entry)
                 old_files = [entry["file"]]
             rec = {"date": now, **(record or {}), "scores": dict(shot.scores)}

@@ -43,6 +43,7 @@ __all__ = [
     "ModalityError",
     "canonical_modality",
     "infer_modality",
+    "guess_modality",
     "IntensityWindow",
     "CT_WINDOW",
     "PERCENTILES",
@@ -193,6 +194,28 @@ def infer_modality(array: np.ndarray, meta: Mapping[str, object] | None = None) 
         if np.isfinite(finite_min) and finite_min <= -500:
             return "CT"
     return None
+
+
+def guess_modality(array: np.ndarray, meta: Mapping[str, object] | None = None) -> tuple[str, str]:
+    """The modality to use when none was given: ``infer_modality``'s answer when it has one, else a guess
+    from the pixels. Returns (modality, why); callers must tell the user when ``why`` says it is a guess.
+
+    Guesses: colour pixels -> microscopy (photographs of tissue and cells are the colour images these
+    weights know); non-negative grey volumes of several slices -> MR; a single non-negative grey
+    image -> microscopy.
+    """
+    known = infer_modality(array, meta)
+    if known is not None:
+        source = (meta or {}).get("modality_from") or ("the DICOM header" if (meta or {}).get("dicom_modality")
+                                                      else "the intensities (Hounsfield units)")
+        return known, f"read from {source}"
+    array = np.asarray(array)
+    if _is_colour(array):
+        return "microscopy", "guessed: a colour image"
+    slices = array.shape[0] if array.ndim == 3 else 1
+    if slices > 1:
+        return "MR", "guessed: a grey volume with no negative values"
+    return "microscopy", "guessed: a single grey image with no negative values"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -207,10 +207,15 @@ def test_unknown_modality(dirs, capsys):
     run_fail(capsys, argv, "unknown modality", out)
 
 
-def test_modality_needed_but_unknown(dirs, capsys):
+def test_modality_is_guessed_and_said(dirs, capsys):
+    """No --modality and nothing in the file: a non-negative grey volume is taken as MR, and stderr says
+    so and how to change it (a guess is never silent)."""
     src, out = dirs
     argv = ["segment", str(src / "ct.nii.gz"), "--prompt", "disc", "-o", str(out / "o.nii.gz"), *TINY]
-    run_fail(capsys, argv, "--modality", out)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "assuming modality MR" in captured.err and "--modality" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["modality"] == "MR"
 
 
 def test_console_script_exit_code_and_one_line(dirs):

@@ -1,0 +1,214 @@
+"""What a new user meets first: modality, outputs that are never overwritten, plain answers, progress,
+repeated shots and errors that come before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from rcmed_engine.cli import main
+from rcmed_engine.evaluate import slices_along
+from rcmed_engine.io import read_image
+
+TINY = ["--preset", "tiny", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write(path: Path, array: np.ndarray, **meta: str) -> Path:
+    image = sitk.GetImageFromArray(array)
+    for k, v in meta.items():
+        image.SetMetaData(k, v)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def mr(tmp_path) -> Path:
+    vol = np.random.default_rng(0).normal(100, 20, (4, 16, 12)).clip(0).astype(np.float32)
+    return _write(tmp_path / "head.nii.gz", vol)
+
+
+# ------------------------------------------------------------------------------------------ modality
+def test_modality_from_the_header(tmp_path):
+    vol = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    assert read_image(_write(tmp_path / "a.nrrd", vol, modality="CT")).meta["modality"] == "CT"
+    assert read_image(_nifti_with_descrip(tmp_path / "b.nii", vol, "T1w MPRAGE 1mm")).meta["modality"] == "MR"
+    assert "modality" not in read_image(_nifti_with_descrip(tmp_path / "c.nii", vol, "subject 12")).meta
+
+
+def _nifti_with_descrip(path: Path, array: np.ndarray, text: str) -> Path:
+    """A NIfTI-1 file whose header description (80 bytes at offset 148) says ``text``."""
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    raw = bytearray(path.read_bytes())
+    raw[148:228] = text.encode().ljust(80, b"\0")
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_guesses_are_said(tmp_path, capsys, mr):
+    from rcmed_engine.preprocess import guess_modality
+
+    assert guess_modality(np.zeros((4, 8, 8), np.float32)) == ("MR", "guessed: a grey volume with no negative values")
+    assert guess_modality(np.zeros((1, 8, 8, 3), np.uint8))[0] == "microscopy"
+    assert guess_modality(np.full((2, 8, 8), -1024.0))[0] == "CT"
+    rgb = np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    png = tmp_path / "tile.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(png))
+    assert main(["segment", str(png), "--prompt", "cell nuclei", "-o", str(tmp_path / "o.nii.gz"), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "assuming modality microscopy" in err and "--modality" in err
+
+
+# ------------------------------------------------------------------------------------------ outputs
+def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys, mr):
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"the user's own file")
+    assert main(["segment", str(mr), "--prompt", "disc", "-o", str(out), "--modality", "MR", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"the user's own file"
+    assert main(["segment", str(mr), "--prompt", "disc", "-o", str(out), "--modality", "MR", "--overwrite", *TINY]) == 0
+    assert read_image(out).array.shape == (4, 16, 12)
+    report = tmp_path / "r.json"
+    report.write_text("{}")
+    assert main(["evaluate", str(tmp_path), "-o", str(report), *TINY]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_folder_fails_before_the_model_loads(tmp_path, capsys, mr, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["segment", str(mr), "--prompt", "disc", "-o", str(locked / "o.nii.gz"), *TINY]) == 1
+        assert "cannot write to" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_or_full_output_fails_before_the_model_loads(tmp_path, capsys, mr, monkeypatch):
+    """The model is never loaded when the output cannot be written (here: made to fail; a full disk the same)."""
+    import rcmed_engine.cli as cli
+    import tempfile
+
+    loaded = []
+    monkeypatch.setattr(cli, "_engine", lambda args: loaded.append(1))
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    assert main(["segment", str(mr), "--prompt", "disc", "-o", str(tmp_path / "o.nii.gz"), *TINY]) == 1
+    assert "cannot write to" in capsys.readouterr().err and not loaded
+    monkeypatch.undo()
+    monkeypatch.setattr(cli, "_engine", lambda args: loaded.append(1))
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 10))
+    assert main(["segment", str(mr), "--prompt", "disc", "-o", str(tmp_path / "o.nii.gz"), *TINY]) == 1
+    assert "not enough room" in capsys.readouterr().err and not loaded
+
+
+# ------------------------------------------------------------------------------------------ answers
+def test_answer_is_a_plain_sentence_per_target(tmp_path, capsys, mr):
+    out = tmp_path / "o.seg.nrrd"
+    assert main(["segment", str(mr), "--prompt", "disc and ring", "-o", str(out), "--modality", "MR", *TINY]) == 0
+    captured = capsys.readouterr()
+    lines = [l for l in captured.err.splitlines() if l.startswith(("disc:", "ring:"))]
+    assert len(lines) == 2 and all(("present (presence" in l and " mL" in l) or "absent" in l for l in lines)
+    assert "<p>" not in captured.err and "[SEG]" not in captured.err
+    summary = json.loads(captured.out)
+    assert "[SEG]" in summary["answer"]  # the raw answer stays in the JSON (and the segments' tags)
+    assert set(summary["presence"]) == {"disc", "ring"}
+
+
+# ------------------------------------------------------------------------------------------ progress
+def test_evaluate_counts_slices(tmp_path):
+    a = sitk.GetImageFromArray(np.zeros((5, 7, 9), np.float32))
+    sitk.WriteImage(a, str(tmp_path / "v.nii.gz"))
+    assert slices_along(tmp_path / "v.nii.gz", "axial") == 5
+    assert slices_along(tmp_path / "v.nii.gz", "coronal") == 7
+    assert slices_along(tmp_path / "v.nii.gz", "sagittal") == 9
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 4), np.uint8)), str(tmp_path / "p.png"))
+    assert slices_along(tmp_path / "p.png", "axial") == 1
+
+
+def test_evaluate_progress_is_in_slices(tmp_path):
+    from rcmed_engine.engine import Engine
+    from rcmed_engine.evaluate import evaluate_dataset
+    from rcmed_engine.model.presets import load_preset
+
+    root = tmp_path / "Dataset001_X"
+    for d in ("imagesTs", "labelsTs"):
+        (root / d).mkdir(parents=True)
+    for i, n in enumerate((3, 5)):
+        img = np.random.default_rng(i).random((n, 12, 12)).astype(np.float32)
+        sitk.WriteImage(sitk.GetImageFromArray(img), str(root / "imagesTs" / f"c{i}_0000.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray((img > 0.5).astype(np.uint8)), str(root / "labelsTs" / f"c{i}.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MR"}, "labels": {"background": 0, "x": 1},
+                                                   "file_ending": ".nii.gz"}))
+    seen = []
+    evaluate_dataset(Engine(load_preset("tiny"), device="cpu"), root, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (8, 8) and all(t == 8 for _, t in seen) and len(seen) > 2
+
+
+# ------------------------------------------------------------------------------------------ register
+def test_register_refuses_the_same_shot_twice(tmp_path, capsys):
+    img = np.random.default_rng(0).random((3, 24, 24)).astype(np.float32)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[1, 8:16, 8:16] = 1
+    _write(tmp_path / "img.nii.gz", img)
+    _write(tmp_path / "mask.nii.gz", mask)
+    reg = tmp_path / "registry"
+    argv = ["register", str(tmp_path / "img.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"), "--name", "blob",
+            "--registry", str(reg), *TINY]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "assuming modality MR" in err  # the same guess, said, as segment makes
+    before = {p: p.read_bytes() for p in reg.rglob("*") if p.is_file()}
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already has this shot" in err and len(err.strip().splitlines()) == 2  # the note, then the error
+    assert {p: p.read_bytes() for p in reg.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------------------------ time to error
+@pytest.mark.parametrize("argv", [
+    ["segment", "{missing}", "--prompt", "disc", "-o", "{out}"],
+    ["segment", "{image}", "--prompt", "[SEG]", "-o", "{out}"],
+    ["segment", "{image}", "--prompt", "disc", "-o", "{existing}"],
+    ["segment", "{image}", "--prompt", "disc", "-o", "{tmp}/o.txt"],
+    ["segment", "{image}", "--prompt", "disc", "-o", "{out}", "--slices", "x:y"],
+    ["evaluate", "{tmp}", "-o", "{tmp}/r.json"],
+    ["register", "{missing}", "--mask", "{image}", "--name", "blob", "--registry", "{tmp}/reg"],
+    ["register", "{image}", "--mask", "{image}", "--name", "a and b", "--registry", "{tmp}/reg"],
+])
+def test_argument_errors_come_before_torch_is_imported(tmp_path, mr, argv):
+    existing = tmp_path / "existing.nii.gz"
+    existing.write_bytes(b"x")
+    fill = {"missing": tmp_path / "missing.nii.gz", "out": tmp_path / "o.nii.gz", "image": mr,
+            "existing": existing, "tmp": tmp_path}
+    args = [a.format(**fill) for a in argv]
+    code = ("import sys, json; from rcmed_engine.cli import main; rc = main(json.loads(sys.argv[1])); "
+            "print(json.dumps([rc, 'torch' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args + TINY)], capture_output=True, text=True,
+                          timeout=120)
+    rc, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rc == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not imported, f"torch was imported before the error: {proc.stderr}"
