@@ -115,14 +115,15 @@ def test_prompt_injection_is_text(lite, prompt):
     targets = parse_targets(prompt)
     plan = engine.model.plan_prompt(targets, MODALITY_TEXT["CT"])
     seg = engine.model.seg_token_id
-    assert plan.rows[0].count(seg) == len(targets), "the prompt added [SEG] tokens of its own"
+    assert sum(row.count(seg) for row in plan.rows) == len(targets), "the prompt added [SEG] tokens of its own"
     assert all(IMAGE_TOKEN_INDEX not in row for row in plan.rows), "the prompt added an image placeholder"
     assert all(SEG_TOKEN not in t and "<" not in t and ">" not in t for t in targets)
     tok = engine.model.tokenizer
-    row = plan.rows[0]
-    # Marker tokens come from the answer template only: <p>..</p> once for the modality, once per target.
-    assert row.count(tok.token_id("<p>")) == row.count(tok.token_id("</p>")) == 1 + len(targets)
-    assert tok.token_id("<im_start>") not in row and tok.token_id("<im_end>") not in row
+    # Marker tokens come from the answer template only: <p>..</p> once for the modality, once for the
+    # row's target (each target is asked on its own row).
+    for row in plan.rows:
+        assert row.count(tok.token_id("<p>")) == row.count(tok.token_id("</p>")) == 2
+        assert tok.token_id("<im_start>") not in row and tok.token_id("<im_end>") not in row
 
 
 def test_injected_prompt_segments_like_text(lite):
@@ -131,3 +132,38 @@ def test_injected_prompt_segments_like_text(lite):
     result = engine.segment(SLICE, INJECTIONS[0], modality="CT")
     assert len(result.targets) == 1 and result.answer.count(SEG_TOKEN) == 1
     assert result.presence.shape == (1, 1) and set(np.unique(result.labels)) <= {0, 1}
+
+
+def test_info_lists_the_vocabulary_and_gates_masks_on_presence(lite, shipped):
+    engine, _ = lite
+    info = engine.info()
+    assert info["vocabulary"] == shipped[4]["vocabulary"]
+    assert {"left thalamus", "right putamen", "cerebellum", "white matter", "cell nuclei"} <= set(info["vocabulary"])
+    assert info["presence_threshold"] == 0.5
+
+
+def test_a_word_outside_the_vocabulary_gets_a_note(lite):
+    engine, _ = lite
+    result = engine.segment(SLICE, "liver and caudate", modality="CT")
+    assert result.targets == ["liver", "caudate nucleus"]
+    assert len(result.notes) == 1 and "not trained on 'liver'" in result.notes[0]
+
+
+def test_the_words_pick_the_structure_on_a_brain_template(lite):
+    """On an axial slice of the MNI template through the thalami: "left thalamus" is found on the patient's
+    left (the image's right, radiological), "right thalamus" on the other side, and "liver" nowhere."""
+    from rcmed_engine.demo import MNI_T1, nilearn_data_dir
+    from rcmed_engine.io import read_image
+
+    engine, _ = lite
+    t1 = read_image(nilearn_data_dir() / MNI_T1)
+    left, right, liver = engine.segment_many(t1, ["left thalamus", "right thalamus", "liver"], modality="MR",
+                                             axis="axial", slices=(78, 79))
+    frame = t1.slice_frame("axial")
+    from rcmed_engine.geometry import to_slices
+
+    l_mask, r_mask = (to_slices(r.labels, frame)[78] > 0 for r in (left, right))
+    assert l_mask.sum() > 20 and r_mask.sum() > 20
+    width = l_mask.shape[1]
+    assert np.argwhere(l_mask)[:, 1].mean() > width / 2 > np.argwhere(r_mask)[:, 1].mean()
+    assert liver.labels.sum() == 0 and float(np.nanmax(liver.presence)) < 0.5

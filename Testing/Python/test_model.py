@@ -48,6 +48,14 @@ def model():
     return m
 
 
+@pytest.fixture
+def released_form(model):
+    """The released prompt form: one answer with one [SEG] per target (PromptConfig.per_target_rows False)."""
+    model.config.prompt.per_target_rows = False
+    yield model
+    model.config.prompt.per_target_rows = True
+
+
 def _pixels(b: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((b, 3, 64, 64), generator=g)
@@ -68,9 +76,14 @@ def _full_ids(model, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------- cached split
 
+@pytest.mark.parametrize("per_target", [True, False])
 @pytest.mark.parametrize("targets", [["liver"], ["liver", "spleen", "left kidney"]])
-def test_prefix_suffix_equals_full_uncached_pass(model, targets):
-    plan = model.plan_prompt(targets, MODALITY)
+def test_prefix_suffix_equals_full_uncached_pass(model, targets, per_target):
+    model.config.prompt.per_target_rows = per_target
+    try:
+        plan = model.plan_prompt(targets, MODALITY)
+    finally:
+        model.config.prompt.per_target_rows = True
     pixels = _pixels(2)
     with torch.no_grad():
         state = model.prefix(model.encode_image(pixels))
@@ -87,7 +100,7 @@ def test_prefix_suffix_equals_full_uncached_pass(model, targets):
     for b in range(2):
         row0 = b * r  # slice-major: row 0 of slice b
         torch.testing.assert_close(state.image_embedding[b], image_embedding[row0], atol=TOL, rtol=0)
-        seg_states = hidden[row0, [state.length + p for p in plan.seg_positions]]
+        seg_states = hidden[[row0 + q for q in plan.seg_rows], [state.length + p for p in plan.seg_positions]]
         low = model.decode_masks(image_embedding[row0:row0 + 1], model.text_hidden_fcs(seg_states)[None])[0]
         torch.testing.assert_close(cached.low_res_logits[b], low, atol=TOL, rtol=0)
         for t in range(len(targets)):
@@ -100,7 +113,8 @@ def test_prefix_suffix_equals_full_uncached_pass(model, targets):
     assert (cached.low_res_logits[0] - cached.low_res_logits[1]).abs().max() > 1e-3
 
 
-def test_training_step_reads_the_same_seg_state_as_inference(model):
+def test_training_step_reads_the_same_seg_state_as_inference(released_form):
+    model = released_form
     """forward_losses takes hidden[seg - 1 + n_img - 1]; inference takes prefix length + seg_positions."""
     targets = ["liver", "spleen"]
     plan = model.plan_prompt(targets, MODALITY)
@@ -143,7 +157,8 @@ def test_engine_batch_size_does_not_change_results():
 
 # ------------------------------------------------------------------------------------------- prompts
 
-def test_multi_target_prompt_has_one_seg_per_target_in_order(model):
+def test_multi_target_prompt_has_one_seg_per_target_in_order(released_form):
+    model = released_form
     targets = parse_targets("segment the liver, spleen and left kidney")
     assert targets == ["liver", "spleen", "left kidney"]
     plan = model.plan_prompt(targets, MODALITY)
@@ -189,10 +204,41 @@ def test_presence_of_each_target_equals_asking_for_it_alone(model):
     assert len({round(float(v), 6) for v in many[0]}) == 3  # the targets really are scored apart
 
 
-def test_token_immediately_before_seg_is_p_end(model):
-    plan = model.plan_prompt(["liver", "spleen"], MODALITY)
+@pytest.mark.parametrize("per_target", [True, False])
+def test_token_immediately_before_seg_is_p_end(model, per_target):
+    model.config.prompt.per_target_rows = per_target
+    try:
+        plan = model.plan_prompt(["liver", "spleen"], MODALITY)
+    finally:
+        model.config.prompt.per_target_rows = True
     p_end = model.tokenizer.token_id(P_END)
-    assert all(plan.rows[0][p] == p_end for p in plan.seg_positions)
+    assert all(plan.rows[r][p] == p_end for r, p in zip(plan.seg_rows, plan.seg_positions))
+
+
+def test_each_target_of_a_prompt_gets_what_it_gets_alone(model):
+    """"A, B and C" gives each target the mask logits and presence of asking for it alone, bit for bit,
+    from one shared prefix."""
+    targets = ["liver", "spleen", "left kidney"]
+    with torch.no_grad():
+        state = model.prefix(model.encode_image(_pixels(2, seed=4)))
+        many = model.suffix(state, model.plan_prompt(targets, MODALITY))
+        alone = [model.suffix(state, model.plan_prompt([t], MODALITY)) for t in targets]
+    for t, one in enumerate(alone):
+        assert torch.equal(many.low_res_logits[:, t], one.low_res_logits[:, 0])
+        assert torch.equal(many.presence[:, t], one.presence[:, 0])
+    assert not torch.equal(many.low_res_logits[:, 0], many.low_res_logits[:, 1])
+
+
+def test_engine_multi_target_labels_equal_separate_prompts():
+    vol = np.random.default_rng(8).normal(100, 30, (3, 24, 20)).astype(np.float32)
+    engine = Engine(load_preset("tiny"), device="cpu")
+    both, a, b = engine.segment_many(vol, ["disc and ring", "disc", "ring"], modality="MR")
+    np.testing.assert_array_equal(both.presence, np.concatenate([a.presence, b.presence]))
+    only_a, only_b = (both.labels == 1), (both.labels == 2)
+    # Where the two masks do not overlap, the label map is each prompt's own mask.
+    overlap = (a.labels == 1) & (b.labels == 1)
+    np.testing.assert_array_equal(only_a[~overlap], (a.labels == 1)[~overlap])
+    np.testing.assert_array_equal(only_b[~overlap], (b.labels == 1)[~overlap])
 
 
 def test_single_target_uses_row_zero_for_presence(model):

@@ -79,6 +79,10 @@ class PromptConfig:
     question_index: int = 0
     # "bgr" reproduces the released model: cv2.imread's BGR order fed with SAM's RGB constants.
     channel_order: Literal["rgb", "bgr"] = "bgr"
+    # True: each target of "A and B" is asked on its own row, exactly as "A" alone is (its mask and presence
+    # are bit-identical to a one-target prompt; the prompt-free prefix is still shared). False: the released
+    # form, one answer with one [SEG] per target, where each target's state also reads the targets before it.
+    per_target_rows: bool = True
 
 
 @dataclass

@@ -62,9 +62,11 @@ class PrefixState:
 class PromptPlan:
     """Token rows for one prompt, shared by every slice.
 
-    rows: suffix ids per row; row 0 carries one [SEG] per target. seg_positions: suffix indices of the
-    tokens that predict each [SEG] (one position before it, SYRE_SPEC §3.6). presence_rows /
+    rows: suffix ids per row. seg_rows / seg_positions: for target t, the row and the suffix index of the
+    token that predicts its [SEG] (one position before it, SYRE_SPEC §3.6). presence_rows /
     presence_positions: for target t, the row and the suffix index whose logits predict "contains".
+    Per-target form (``PromptConfig.per_target_rows``): row t asks for target t alone and serves both. The
+    released form: row 0 carries one [SEG] per target, and one extra row per target scores presence.
     """
 
     targets: list[str]
@@ -77,6 +79,12 @@ class PromptPlan:
     positive_id: int
     negative_id: int
     lengths: list[int] = field(default_factory=list)
+    seg_rows: list[int] = field(default_factory=list)
+
+    @property
+    def per_target(self) -> bool:
+        """Each target on its own row (computed alone, so "A and B" gives what "A" and "B" give)."""
+        return len(self.targets) > 1 and len(set(self.seg_rows)) == len(self.targets)
 
 
 @dataclass
@@ -179,16 +187,24 @@ class RCMed(nn.Module):
                 raise RuntimeError(f"the presence tokens differ for target {name!r}")
             return d - 1
 
-        rows = [suffix_ids(targets, True)]
-        presence_rows = [0]
-        if len(targets) > 1:
+        if len(targets) == 1 or self.config.prompt.per_target_rows:
+            rows = [suffix_ids([t], True) for t in targets]
+            presence_rows = list(range(len(targets)))
+            seg_rows = list(range(len(targets)))
+            seg_positions = [[i - 1 for i, tid in enumerate(row) if tid == self.seg_token_id] for row in rows]
+            if any(len(s) != 1 for s in seg_positions):
+                raise RuntimeError("expected one [SEG] token in each target's answer")
+            seg_positions = [s[0] for s in seg_positions]
+        else:
+            rows = [suffix_ids(targets, True)]
             presence_rows = []
             for t in targets:
                 rows.append(suffix_ids([t], True))
                 presence_rows.append(len(rows) - 1)
-        seg_positions = [i - 1 for i, tid in enumerate(rows[0]) if tid == self.seg_token_id]
-        if len(seg_positions) != len(targets):
-            raise RuntimeError(f"expected {len(targets)} [SEG] tokens in the answer, found {len(seg_positions)}")
+            seg_rows = [0] * len(targets)
+            seg_positions = [i - 1 for i, tid in enumerate(rows[0]) if tid == self.seg_token_id]
+            if len(seg_positions) != len(targets):
+                raise RuntimeError(f"expected {len(targets)} [SEG] tokens in the answer, found {len(seg_positions)}")
         conv = build_conversation(system, build_question(targets, modality_text, qi),
                                   build_answer(targets, modality_text))
         return PromptPlan(
@@ -202,6 +218,7 @@ class RCMed(nn.Module):
             positive_id=positive[diverge],
             negative_id=negative[diverge],
             lengths=[len(r) for r in rows],
+            seg_rows=seg_rows,
         )
 
     # ----------------------------------------------------------------------------------------- passes
@@ -239,7 +256,22 @@ class RCMed(nn.Module):
         return PrefixState(kv=kv, image_embedding=image_embedding, length=len(pre_a) + embeds.shape[1])
 
     def suffix(self, prefix: PrefixState, plan: PromptPlan) -> SliceOutput:
-        """Run a prompt's rows on B cached prefixes; returns mask logits and presence for each target."""
+        """Run a prompt's rows on B cached prefixes; returns mask logits and presence for each target.
+
+        In the per-target form each target runs exactly as its own one-target prompt would (same shapes,
+        so the same numbers, bit for bit); only the prefix is shared."""
+        if plan.per_target:
+            outs = [self._suffix(prefix, PromptPlan(
+                targets=[t], modality_text=plan.modality_text, rows=[plan.rows[i]], seg_positions=[plan.seg_positions[i]],
+                presence_rows=[0], presence_positions=[plan.presence_positions[i]], answer=plan.answer,
+                positive_id=plan.positive_id, negative_id=plan.negative_id, lengths=[plan.lengths[i]], seg_rows=[0]))
+                for i, t in enumerate(plan.targets)]
+            return SliceOutput(low_res_logits=torch.cat([o.low_res_logits for o in outs], 1),
+                               presence=torch.cat([o.presence for o in outs], 1),
+                               prompts=torch.cat([o.prompts for o in outs], 1))
+        return self._suffix(prefix, plan)
+
+    def _suffix(self, prefix: PrefixState, plan: PromptPlan) -> SliceOutput:
         b, r = prefix.image_embedding.shape[0], len(plan.rows)
         dev = self.device
         width = max(plan.lengths)
@@ -257,7 +289,7 @@ class RCMed(nn.Module):
                                         cache=cache, use_cache=True)
         hidden = out.last_hidden_state.view(b, r, width, -1)
 
-        seg_hidden = hidden[:, 0, plan.seg_positions]  # (B, T, D)
+        seg_hidden = hidden[:, plan.seg_rows or [0] * len(plan.targets), plan.seg_positions]  # (B, T, D)
         prompts = self.text_hidden_fcs(seg_hidden)  # (B, T, 256)
         low_res = self.decode_masks(prefix.image_embedding, prompts)
 

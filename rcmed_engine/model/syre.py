@@ -300,7 +300,7 @@ def config_from_released(hf: dict, shapes: dict[str, tuple[int, ...]]) -> RCMedC
     return RCMedConfig(
         preset=PRESET, image_encoder=encoder, language_model=lm,
         # question_index 0: the reference draws one of seven templates at random; we always ask the first.
-        prompt=PromptConfig(question_index=0, channel_order="bgr"),
+        prompt=PromptConfig(question_index=0, channel_order="bgr", per_target_rows=False),  # the released answer form
         out_dim=out_dim,
         decoder_mlp_dim=_need(shapes, "mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
         decoder_heads=DECODER_HEADS,
