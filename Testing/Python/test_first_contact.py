@@ -212,3 +212,44 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, mr, argv):
     rc, imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rc == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not imported, f"torch was imported before the error: {proc.stderr}"
+
+
+def test_library_progress_bars_are_off_when_not_on_a_terminal(tmp_path, mr):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(["segment", str(mr), "--prompt", "disc", "-o", str(tmp_path / "o.nii.gz"), "--modality", "MR",
+                     *TINY]) == 0
+        assert not hf_logging.is_progress_bar_enabled()  # pytest's stderr is not a terminal
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_demo_picture_has_title_slice_numbers_and_legend():
+    from rcmed_engine.demo import montage
+
+    gray = np.full((6, 40, 40), 90, np.uint8)
+    masks = np.zeros((6, 40, 40), bool)
+    masks[:, 10:20, 10:20] = True
+    plain = montage(gray, masks, masks)
+    shown = montage(gray, masks, masks, labels=[f"axial {i}" for i in range(6)], title="RCMed lite: 'x' Dice 1.000")
+    assert shown.shape[0] == plain.shape[0] + 54 and shown.shape[1] == plain.shape[1]
+    head = shown[:54]
+    assert ((head == (0, 0, 200)).all(-1)).any() and ((head == (0, 255, 0)).all(-1)).any()  # the legend's swatches
+    assert (head > 200).all(-1).any()  # white title text
+    assert not np.array_equal(shown[54:], plain)  # the slice labels are drawn on the panels
+
+
+def test_demo_runs_on_the_template(tmp_path):
+    """The demo's own path end to end (tiny weights, four slices): one .seg.nrrd with both prompts, the PNG and
+    a Dice per prompt against its reference."""
+    pytest.importorskip("nilearn")
+    from rcmed_engine.demo import PROMPTS, run
+    from rcmed_engine.io import read_labelmap
+
+    summary = run(tmp_path, "tiny", None, (60, 64), batch=4)
+    assert set(summary["dice"]) == set(PROMPTS)
+    assert (tmp_path / "demo_overlay.png").is_file()
+    _, _, segments = read_labelmap(tmp_path / "demo.seg.nrrd")
+    assert [s.name for s in segments] == list(PROMPTS)
