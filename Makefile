@@ -26,7 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/latency.py
 
-# Reproduces the shipped lite weights (about 70 min on 2 CPU cores; docs/training.md, MODEL_CARD.md).
+# Reproduces the shipped lite weights (about 80 min on 2 CPU cores; docs/training.md, MODEL_CARD.md).
 train-lite: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin --only nuclei --only atlases
 	$(PY) -m rcmed_training.init_lite runs/lite/init

@@ -253,3 +253,48 @@ def test_demo_runs_on_the_template(tmp_path):
     assert (tmp_path / "demo_overlay.png").is_file()
     _, _, segments = read_labelmap(tmp_path / "demo.seg.nrrd")
     assert [s.name for s in segments] == list(PROMPTS)
+
+
+def test_loading_line_on_a_terminal_only(monkeypatch, capsys):
+    import argparse
+
+    import rcmed_engine.cli as cli
+
+    args = argparse.Namespace(preset="lite", server=None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    cli._loading(args)
+    assert "loading the lite model" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    cli._loading(args)
+    assert capsys.readouterr().err == ""
+
+
+def _readme_examples() -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("Examples that run as written", 1)[1].split("```", 2)[1]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_examples_are_what_this_test_runs():
+    lines = _readme_examples()
+    assert lines[0].startswith("T1=$(python -c ") and all(l.startswith("rcmed ") for l in lines[1:])
+
+
+@pytest.mark.lite
+@pytest.mark.slow
+def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's examples, as written, on the demo's template (the default lite preset, no extra flags)."""
+    import shlex
+
+    pytest.importorskip("nilearn")
+    lines = _readme_examples()
+    code = lines[0].split("python -c ", 1)[1].rsplit(")", 1)[0]
+    t1 = subprocess.run([sys.executable, "-c", shlex.split(code)[0]], capture_output=True, text=True,
+                        check=True).stdout.strip()
+    assert Path(t1).is_file()
+    monkeypatch.chdir(tmp_path)
+    for line in lines[1:]:
+        argv = [a.replace("$T1", t1) for a in shlex.split(line)][1:]
+        assert main(argv) == 0, line
+        capsys.readouterr()
+    assert (tmp_path / "deep.seg.nrrd").is_file() and (tmp_path / "wm.nii.gz").is_file()
