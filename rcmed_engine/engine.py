@@ -163,6 +163,7 @@ class Engine:
             "cache_mb": round((self._features.nbytes + self._prefixes.nbytes) / 2**20, 1),
             "presence_threshold": cfg.presence_threshold,
             "vocabulary": list(cfg.vocabulary),
+            "licence": cfg.licence or "not stated by these weights",
         }
 
     def provenance(self, prompt: str) -> dict[str, str]:

@@ -76,6 +76,7 @@ class SynthRun:
     threads: int | None = None
     save_dtype: str = "float16"
     max_minutes: float | None = None  # stop (and save) after this much wall time, whatever the step
+    licence: str = ""  # written into the final weights' config (rcmed info shows it)
 
 
 @dataclass
@@ -322,6 +323,7 @@ class SynthTrainer(CheckpointMixin):
     def save(self, folder: Path, final: bool = False) -> Path:
         if final:
             self.model.config.vocabulary = tuple(ALL_CLASSES)
+            self.model.config.licence = self.cfg.run.licence
         return super().save(folder, final)
 
     def _elapsed_before(self) -> float:

@@ -140,6 +140,7 @@ def test_info_lists_the_vocabulary_and_gates_masks_on_presence(lite, shipped):
     assert info["vocabulary"] == shipped[4]["vocabulary"]
     assert {"left thalamus", "right putamen", "cerebellum", "white matter", "cell nuclei"} <= set(info["vocabulary"])
     assert info["presence_threshold"] == 0.5
+    assert "FreeSurfer" in info["licence"] and "Apache-2.0" in info["licence"]
 
 
 def test_a_word_outside_the_vocabulary_gets_a_note(lite):

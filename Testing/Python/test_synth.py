@@ -180,7 +180,8 @@ def _tiny_synth_config(tmp_path, **run):
         "model": {"preset": "tiny", "train": ["rcmed", "lora", "mask_decoder"], "lora_dropout": False,
                   "presence_threshold": 0.5},
         "optim": {"lr": 1e-3, "warmup_steps": 1, "total_steps": 3},
-        "run": {"out": str(tmp_path / "run"), "log_every": 1, "save_every": 1, "threads": 1, **run},
+        "run": {"out": str(tmp_path / "run"), "log_every": 1, "save_every": 1, "threads": 1,
+                "licence": "test licence", **run},
     })
 
 
@@ -245,6 +246,7 @@ def test_fit_synth_saves_vocabulary_and_resumes_exactly(phantom, tmp_path):
     full.fit()
     cfg = read_config(tmp_path / "a" / "run" / "final")
     assert cfg.trained and cfg.presence_threshold == 0.5 and tuple(cfg.vocabulary) == ALL_CLASSES
+    assert cfg.licence == "test licence"
     logged = [json.loads(l) for l in (tmp_path / "a" / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3] and all(np.isfinite(r["total"]) for r in logged)
 
@@ -297,6 +299,7 @@ def test_shipped_lite_recipe_parses():
     cfg = SynthConfig.load(REPO / "configs" / "lite.yaml")
     assert cfg.model.preset == "lite" and cfg.model.lora_layers is None and cfg.model.presence_threshold == 0.5
     assert {"rcmed", "lora", "mask_decoder"} <= set(cfg.model.train)
+    assert "FreeSurfer" in cfg.run.licence and "ICBM 2009c" in cfg.run.licence
     assert not cfg.model.cache_features  # the encoder sees every augmented slice
 
 

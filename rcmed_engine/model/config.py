@@ -103,6 +103,7 @@ class RCMedConfig:
     presence_threshold: float = 0.5
     trained: bool = False  # whether the RCMed parts were trained (``rcmed info`` reports it)
     vocabulary: tuple[str, ...] = ()  # the classes the weights were trained on (empty: not listed)
+    licence: str = ""  # what the weights may be used for, following from their training data (rcmed info)
 
     @property
     def num_image_tokens(self) -> int:
