@@ -1,7 +1,7 @@
 """Training throughput: samples per second of one RCMed training step (a script, never a test).
 
 CPU path (default): the ``lite`` preset with a frozen image encoder whose features come from the on-disk
-cache, training the parts configs/finetune.yaml trains (``--all-parts``: every RCMed part, all LoRA layers,
+cache, training the parts configs/lite.yaml trains (``--all-parts``: every RCMed part, all LoRA layers,
 the added tokens and the mask decoder; ``--train``/``--lora-layers`` to choose), on slices of the MNI152
 data set that ``rcmed-train prepare-builtin`` writes. The cache is filled for the timed steps first, so
 the figure is the steady state of a run whose features are cached: language model + projections + mask
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     parts, lora_layers = a.train, a.lora_layers
     if a.preset == "lite" and parts is None and not a.all_parts:  # the shipped recipe's parts by default
-        recipe = TrainConfig.load(ROOT / "configs" / "finetune.yaml").model
+        recipe = TrainConfig.load(ROOT / "configs" / "lite.yaml").model
         parts, lora_layers = recipe.train, recipe.lora_layers if lora_layers is None else lora_layers
     result = run(a.preset, a.weights, a.batch, a.steps, a.warmup, a.threads, parts, lora_layers)
     result.update(machine=platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,

@@ -3,7 +3,7 @@
     rcmed-train prepare-builtin OUT [--only mni|nuclei|atlases] [--gap 4]
     rcmed-train describe DATASET_DIR [--split Tr] [--axes axial,coronal] [--describer geometric|vlm --vlm-dir DIR]
     rcmed-train fit CONFIG.yaml [--resume RUN_OR_CHECKPOINT] [--stop-after N] [--set section.key=value ...]
-    rcmed-train fit-synth CONFIG.yaml [--resume RUN] [--set section.key=value ...]    (the lite recipe: configs/lite.yaml)
+    rcmed-train fit-synth CONFIG.yaml [--resume RUN] [--set section.key=value ...]    (experimental: configs/lite_synth.yaml)
 
 Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`).
 """

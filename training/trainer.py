@@ -544,7 +544,17 @@ def plot_curves(log: Path, png: Path) -> None:
     ax[0].set(title="training loss (total)", xlabel="step")
     if va:
         ax[1].plot(*zip(*va), marker="o")
-    ax[1].set(title="validation Dice (teacher-forced)", xlabel="step", ylim=(0, 1))
+        ax[1].set(title="validation Dice (teacher-forced)", xlabel="step", ylim=(0, 1))
+    else:  # fit-synth: every step's slices are new draws, so its own figures are out-of-sample
+        drawn = False
+        for key, label in (("dice_hard", "mask Dice (present targets)"), ("presence_acc", "presence accuracy")):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax[1].plot(*zip(*pts), lw=1, label=label)
+                drawn = True
+        if drawn:
+            ax[1].legend(loc="lower right", fontsize=8)
+        ax[1].set(title="on each step's new slices", xlabel="step", ylim=(0, 1))
     fig.tight_layout()
     tmp = png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -297,4 +297,4 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
         argv = [a.replace("$T1", t1) for a in shlex.split(line)][1:]
         assert main(argv) == 0, line
         capsys.readouterr()
-    assert (tmp_path / "deep.seg.nrrd").is_file() and (tmp_path / "wm.nii.gz").is_file()
+    assert (tmp_path / "tissue.seg.nrrd").is_file() and (tmp_path / "wm.nii.gz").is_file()

@@ -132,39 +132,3 @@ def test_injected_prompt_segments_like_text(lite):
     result = engine.segment(SLICE, INJECTIONS[0], modality="CT")
     assert len(result.targets) == 1 and result.answer.count(SEG_TOKEN) == 1
     assert result.presence.shape == (1, 1) and set(np.unique(result.labels)) <= {0, 1}
-
-
-def test_info_lists_the_vocabulary_and_gates_masks_on_presence(lite, shipped):
-    engine, _ = lite
-    info = engine.info()
-    assert info["vocabulary"] == shipped[4]["vocabulary"]
-    assert {"left thalamus", "right putamen", "cerebellum", "white matter", "cell nuclei"} <= set(info["vocabulary"])
-    assert info["presence_threshold"] == 0.5
-    assert "FreeSurfer" in info["licence"] and "Apache-2.0" in info["licence"]
-
-
-def test_a_word_outside_the_vocabulary_gets_a_note(lite):
-    engine, _ = lite
-    result = engine.segment(SLICE, "liver and caudate", modality="CT")
-    assert result.targets == ["liver", "caudate nucleus"]
-    assert len(result.notes) == 1 and "not trained on 'liver'" in result.notes[0]
-
-
-def test_the_words_pick_the_structure_on_a_brain_template(lite):
-    """On an axial slice of the MNI template through the thalami: "left thalamus" is found on the patient's
-    left (the image's right, radiological), "right thalamus" on the other side, and "liver" nowhere."""
-    from rcmed_engine.demo import MNI_T1, nilearn_data_dir
-    from rcmed_engine.io import read_image
-
-    engine, _ = lite
-    t1 = read_image(nilearn_data_dir() / MNI_T1)
-    left, right, liver = engine.segment_many(t1, ["left thalamus", "right thalamus", "liver"], modality="MR",
-                                             axis="axial", slices=(78, 79))
-    frame = t1.slice_frame("axial")
-    from rcmed_engine.geometry import to_slices
-
-    l_mask, r_mask = (to_slices(r.labels, frame)[78] > 0 for r in (left, right))
-    assert l_mask.sum() > 20 and r_mask.sum() > 20
-    width = l_mask.shape[1]
-    assert np.argwhere(l_mask)[:, 1].mean() > width / 2 > np.argwhere(r_mask)[:, 1].mean()
-    assert liver.labels.sum() == 0 and float(np.nanmax(liver.presence)) < 0.5

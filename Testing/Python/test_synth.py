@@ -285,7 +285,7 @@ def test_fit_synth_trains_the_v_l_projection_and_every_lora_layer(phantom, tmp_p
 def test_fit_synth_cli_rejects_bad_settings(tmp_path, capsys):
     from rcmed_training.cli import main
 
-    assert main(["fit-synth", str(REPO / "configs" / "lite.yaml"), "--set", "bogus.key=1"]) == 2
+    assert main(["fit-synth", str(REPO / "configs" / "lite_synth.yaml"), "--set", "bogus.key=1"]) == 2
     assert "unknown setting bogus.key" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {imagez: 2}\n")
@@ -296,7 +296,7 @@ def test_fit_synth_cli_rejects_bad_settings(tmp_path, capsys):
 def test_shipped_lite_recipe_parses():
     from rcmed_training.synth_stage import SynthConfig
 
-    cfg = SynthConfig.load(REPO / "configs" / "lite.yaml")
+    cfg = SynthConfig.load(REPO / "configs" / "lite_synth.yaml")
     assert cfg.model.preset == "lite" and cfg.model.lora_layers is None and cfg.model.presence_threshold == 0.5
     assert {"rcmed", "lora", "mask_decoder"} <= set(cfg.model.train)
     assert "FreeSurfer" in cfg.run.licence and "ICBM 2009c" in cfg.run.licence

@@ -331,13 +331,13 @@ def test_two_process_gloo_ranks_stay_in_sync(synth, tmp_path):
 
 
 def test_shipped_configs_parse():
-    for name in ("tiny.yaml", "finetune.yaml", "syre7b.yaml"):
+    for name in ("tiny.yaml", "lite.yaml", "syre7b.yaml"):
         cfg = TrainConfig.load(REPO / "configs" / name)
         assert cfg.data.mix == {"seg_all_crd": 0.4, "seg_all": 0.4, "seg_subset": 0.2}
         assert cfg.loss == LossWeights()
-    lite = TrainConfig.load(REPO / "configs" / "finetune.yaml")
+    lite = TrainConfig.load(REPO / "configs" / "lite.yaml")
     assert lite.model.preset == "lite" and lite.model.cache_features and "image_encoder" not in lite.model.train
-    stage2 = TrainConfig.load(REPO / "configs" / "finetune_decoder.yaml")
+    stage2 = TrainConfig.load(REPO / "configs" / "lite_decoder.yaml")
     assert stage2.model.init_weights == lite.run.out + "/final"
     assert stage2.model.feature_cache == lite.run.out + "/feature_cache"
     assert json.loads((REPO / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
@@ -554,7 +554,7 @@ def test_fit_decoder_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     from rcmed_training.cli import main
 
     assert main(["fit-decoder", str(tmp_path / "missing.yaml")]) == 2
-    assert main(["fit-decoder", str(REPO / "configs" / "finetune_decoder.yaml"), "--set", "bogus.key=1"]) == 2
+    assert main(["fit-decoder", str(REPO / "configs" / "lite_decoder.yaml"), "--set", "bogus.key=1"]) == 2
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "nowhere")},
                                    "model": {"preset": "tiny"}, "run": {"out": str(tmp_path / "o")}}))
