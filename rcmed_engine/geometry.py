@@ -346,7 +346,7 @@ def from_slices(stack: np.ndarray, frame: SliceFrame) -> np.ndarray:
 
 
 def parse_slice_range(text: str | None) -> tuple[int | None, int | None] | None:
-    """'A:B' → (A, B); 'A:' and ':B' leave one end open; None → None. Raises ValueError (one line)."""
+    """'A:B' -> (A, B); 'A:' and ':B' leave one end open; None -> None. Raises ValueError (one line)."""
     if text is None:
         return None
     parts = text.split(":")

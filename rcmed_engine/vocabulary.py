@@ -1,7 +1,7 @@
 """The classes a set of weights was trained on, and the words a person types for them.
 
 A weights folder may list its classes in ``config.json`` (``vocabulary``). A prompt's target is mapped
-to its class name before it reaches the model ("caudate" → "caudate nucleus", "Left Pallidum" → "left
+to its class name before it reaches the model ("caudate" -> "caudate nucleus", "Left Pallidum" -> "left
 globus pallidus"), so every synonym gets the mask the trained name gets. A target outside the list is
 still asked (the presence score decides), with a note that says the weights never saw it.
 """

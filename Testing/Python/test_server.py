@@ -681,9 +681,10 @@ def test_server_killed_mid_job_then_restarted(engines, tmp_path):
         other = ct_volume(21, (16, 48, 48))
         mask = np.zeros(volume.array.shape, np.uint8)
         mask[30, 10:30, 10:30] = 1
+        mask[31, 12:28, 12:28] = 1
         if otfa:
             patient.register_class(volume, mask, "lesion", slice_index=30)
-            patient.register_class(volume, mask, "lesion", slice_index=30)  # a second shot
+            patient.register_class(volume, mask, "lesion", slice_index=31)  # a second shot (the same one is refused)
             before = patient.list_classes()
         expected = local.segment(volume, "liver")
         killed = threading.Event()
