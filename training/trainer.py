@@ -138,6 +138,31 @@ class RunConfig:
     save_dtype: str = "float32"  # the final checkpoint's tensors: float32, float16 or bfloat16
 
 
+FLOAT_KEYS = ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "presence", "negative_fraction",
+              "foreign_fraction")
+
+
+def config_sections(d: dict[str, Any], kinds: dict[str, type]) -> dict[str, Any]:
+    """A run config's sections as dataclasses, refusing unknown sections and keys by name (YAML may give
+    ints where floats are meant, and lists where tuples are)."""
+    unknown = set(d) - set(kinds)
+    if unknown:
+        raise ValueError(f"unknown config sections: {sorted(unknown)}")
+    out = {}
+    for name, kind in kinds.items():
+        sub = dict(d.get(name) or {})
+        bad = set(sub) - {f.name for f in dataclasses.fields(kind)}
+        if bad:
+            raise ValueError(f"unknown keys in {name}: {sorted(bad)}")
+        if "betas" in sub:
+            sub["betas"] = tuple(sub["betas"])
+        for k in FLOAT_KEYS:
+            if k in sub:
+                sub[k] = float(sub[k])
+        out[name] = kind(**sub)
+    return out
+
+
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,26 +173,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        kinds = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossWeights,
-                 "run": RunConfig}
-        unknown = set(d) - set(kinds)
-        if unknown:
-            raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        out = {}
-        for name, kind in kinds.items():
-            sub = dict(d.get(name) or {})
-            known = {f.name for f in dataclasses.fields(kind)}
-            bad = set(sub) - known
-            if bad:
-                raise ValueError(f"unknown keys in {name}: {sorted(bad)}")
-            if "betas" in sub:
-                sub["betas"] = tuple(sub["betas"])
-            for k in ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "presence", "negative_fraction",
-                      "foreign_fraction"):
-                if k in sub:
-                    sub[k] = float(sub[k])
-            out[name] = kind(**sub)
-        cfg = cls(**out)
+        cfg = cls(**config_sections(d, {f.name: f.default_factory for f in dataclasses.fields(cls)}))  # type: ignore[misc]
         bad_parts = set(cfg.model.train) - set(PARTS)
         if bad_parts:
             raise ValueError(f"unknown trainable parts {sorted(bad_parts)}; choose from {PARTS}")
