@@ -235,8 +235,8 @@ def target_sentences(result) -> list[str]:
     lines = []
     for i, name in enumerate(result.targets):
         voxels = int((result.labels == i + 1).sum())
-        scores = result.presence[i][np.isfinite(result.presence[i])]
-        score = f"{float(scores.max()):.2f}" if scores.size else "n/a"
+        best = _max_presence(result, i)
+        score = "n/a" if best is None else f"{best:.2f}"
         if voxels:
             lines.append(f"{name}: present (presence {score}), {voxels:,} voxels, {voxels * voxel_ml:,.1f} mL")
         else:
