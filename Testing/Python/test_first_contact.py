@@ -12,21 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from rcmed_engine.cli import main
 from rcmed_engine.evaluate import slices_along
 from rcmed_engine.io import read_image
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(path: Path, array: np.ndarray, **meta: str) -> Path:
