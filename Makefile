@@ -40,6 +40,7 @@ train-lite-synth: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin --only nuclei --only atlases
 	$(PY) -m rcmed_training.init_lite runs/lite/init
 	$(PY) -m rcmed_training.cli fit-synth configs/lite_synth.yaml
+	$(PY) -m rcmed_training.cli fit-decoder configs/lite_synth_decoder.yaml
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -36,7 +36,7 @@ from rcmed_engine.model.rcmed import ImageFeatures
 from .data import LabelledVolumes, mask_to_frame
 from .features import FeatureCache
 from .losses import boundary_bce, mask_bce, mask_dice
-from .trainer import SAVE_DTYPES, TrainConfig, build_training_model, make_optimizer, plot_curves
+from .trainer import SAVE_DTYPES, TrainConfig, build_training_model, config_sections, make_optimizer, plot_curves
 
 
 @dataclass
@@ -47,6 +47,20 @@ class DecoderSet:
     prompts: torch.Tensor  # (N, C, 256) float32
     targets: torch.Tensor  # (N, C, S, S) bool; all False where the class is absent or foreign
     classes: list[str]
+    asked: torch.Tensor | None = None  # (N, C) bool: the pairs to train on (None: all)
+    states: torch.Tensor | None = None  # (N, C, D) float16 [SEG] states, to train text_hidden_fcs too
+
+    def prompt(self, model, n_idx: torch.Tensor, c_idx: torch.Tensor) -> torch.Tensor:
+        """(K, 256) prompts of the pairs; through the live text_hidden_fcs when states are cached."""
+        if self.states is not None:
+            return model.text_hidden_fcs(self.states[n_idx, c_idx].to(model.device, model.dtype))
+        return self.prompts[n_idx, c_idx].to(model.device, model.dtype)
+
+    def pairs(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(slice, class) pairs whose target is present, and those asked whose target is empty."""
+        present = self.targets.flatten(2).any(-1)
+        asked = self.asked if self.asked is not None else torch.ones_like(present)
+        return (present & asked).nonzero().tolist(), (~present & asked).nonzero().tolist()
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -128,8 +142,8 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
     out.mkdir(parents=True, exist_ok=True)
     model = build_training_model(cfg.model).eval()
     model.requires_grad_(False)
-    cache = FeatureCache(cfg.model.feature_cache or out / "feature_cache", model)
     d = cfg.data
+    cache = None if d.synth else FeatureCache(cfg.model.feature_cache or out / "feature_cache", model)
     t0 = time.perf_counter()
     bars: list = []  # made on the first report: a bad data set fails before any bar is drawn
 
@@ -139,24 +153,30 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
         bars[0].n = done
         bars[0].refresh()
 
-    train = build_decoder_set(model, d.roots(), d.split, tuple(d.axes), cache, stride=d.stride,
-                              dihedral_2d=d.dihedral_2d, progress=progress)
+    if d.synth:
+        train, val = _synth_sets(model, d.synth, cfg.run.seed, progress)
+    else:
+        train = build_decoder_set(model, d.roots(), d.split, tuple(d.axes), cache, stride=d.stride,
+                                  dihedral_2d=d.dihedral_2d, progress=progress)
+        val = None
+        if d.val_split:
+            val = build_decoder_set(model, d.roots(), d.val_split, tuple(d.axes), cache, limit=d.val_slices,
+                                    positives_only=True, seed=cfg.run.seed)
     for bar in bars:
         bar.close()
-    val = None
-    if d.val_split:
-        val = build_decoder_set(model, d.roots(), d.val_split, tuple(d.axes), cache, limit=d.val_slices,
-                                positives_only=True, seed=cfg.run.seed)
     cache_s = time.perf_counter() - t0
 
     decoder = model.mask_decoder
     decoder.train().requires_grad_(True)
-    o = cfg.optim
     params = list(decoder.parameters())
+    # With cached [SEG] states the prompt head trains too (it costs one small MLP per mask).
+    head = train.states is not None and "text_hidden_fcs" in cfg.model.train
+    if head:
+        model.text_hidden_fcs.train().requires_grad_(True)
+        params += list(model.text_hidden_fcs.parameters())
+    o = cfg.optim
     optimizer, scheduler = make_optimizer(params, o)
-    present = train.targets.flatten(2).any(-1)  # (N, C)
-    pos = present.nonzero().tolist()
-    neg = (~present).nonzero().tolist()
+    pos, neg = train.pairs()
     rng = random.Random(cfg.run.seed)
     log = out / "log.jsonl"
     log.write_text("")
@@ -170,7 +190,7 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
         n_idx = torch.tensor([p[0] for p in pairs])
         c_idx = torch.tensor([p[1] for p in pairs])
         emb = train.embeddings[n_idx].to(model.device, model.dtype)
-        prompt = train.prompts[n_idx, c_idx].to(model.device, model.dtype)[:, None]
+        prompt = train.prompt(model, n_idx, c_idx)[:, None]
         target = train.targets[n_idx, c_idx].to(model.device).float()
         low = model.decode_masks(emb, prompt)[:, 0]
         logits = F.interpolate(low[:, None].float(), size=target.shape[-2:], mode="bilinear",
@@ -202,7 +222,12 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
         bar.set_postfix(loss=f"{float(total.detach()):.3f}")
     bar.close()
     decoder.eval()
+    model.text_hidden_fcs.eval()
     model.config.trained = True
+    if d.synth:
+        from rcmed_engine.vocabulary import ALL_CLASSES
+
+        model.config.vocabulary = tuple(ALL_CLASSES)
     save_checkpoint(model, out / "final", include=("mask_decoder.",), dtype=SAVE_DTYPES[cfg.run.save_dtype],
                     metadata={"trained": "true", "stage": "decoder", "steps": str(o.total_steps),
                               "init": str(cfg.model.init_weights)})
@@ -212,10 +237,25 @@ def fit_decoder(config: str | Path | TrainConfig, overrides: dict | None = None)
     return summary
 
 
+def _synth_sets(model, synth: dict, seed: int, progress) -> tuple[DecoderSet, DecoderSet]:
+    """Training and validation pools of synthetic slices. ``synth``: SynthData keys plus ``slices`` and
+    ``val_slices``. The draws use seeds of their own, never fit-synth's (seed + 1000 and + 2000)."""
+    from .synth_stage import SynthData, build_synth_decoder_set
+
+    keys = dict(synth)
+    slices, val_slices = int(keys.pop("slices", 400)), int(keys.pop("val_slices", 32))
+    data = config_sections({"data": keys}, {"data": SynthData})["data"]
+    train = build_synth_decoder_set(model, data, slices, seed + 1000, progress)
+    val = build_synth_decoder_set(model, data, val_slices, seed + 2000)
+    return train, val
+
+
 @torch.no_grad()
 def _validate(model, val: DecoderSet) -> float:
     """Mean Dice at logit 0 over the validation slices' present classes (their own prompts)."""
+    head_mode = model.text_hidden_fcs.training
     model.mask_decoder.eval()
+    model.text_hidden_fcs.eval()
     scores = []
     present = val.targets.flatten(2).any(-1)
     try:
@@ -224,10 +264,11 @@ def _validate(model, val: DecoderSet) -> float:
             if cs.numel() == 0:
                 continue
             emb = val.embeddings[n:n + 1].to(model.device, model.dtype).expand(len(cs), -1, -1, -1)
-            low = model.decode_masks(emb, val.prompts[n, cs].to(model.device, model.dtype)[:, None])[:, 0]
+            low = model.decode_masks(emb, val.prompt(model, torch.full_like(cs, n), cs)[:, None])[:, 0]
             logits = F.interpolate(low[:, None].float(), size=val.targets.shape[-2:], mode="bilinear",
                                    align_corners=False)[:, 0]
             scores += [dice(p.numpy(), g.numpy()) for p, g in zip(logits.cpu() > 0, val.targets[n, cs])]
     finally:
         model.mask_decoder.train()
+        model.text_hidden_fcs.train(head_mode)
     return float(np.mean(scores)) if scores else math.nan

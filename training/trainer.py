@@ -92,6 +92,7 @@ class DataConfig:
     foreign_fraction: float = 0.0  # with several data sets: ask for another data set's class (absent)
     stride: int = 1  # fit-decoder: every stride-th slice
     dihedral_2d: bool = True  # fit-decoder: 2D images in their 8 rotations/flips
+    synth: dict | None = None  # fit-decoder: a pool of synthetic slices instead of root (SynthData keys, slices, val_slices)
     describer: str = "geometric"  # or "vlm" (with vlm_dir)
     vlm_dir: str | None = None
 
@@ -110,6 +111,7 @@ class ModelConfig:
     lora_layers: int | None = None  # train the LoRA of only the last N decoder layers (None: all)
     presence_threshold: float | None = None  # written into the saved weights' config (None: keep)
     lora_dropout: bool = True  # False: the adapters' dropout is switched off (fit-synth)
+    prompt_head_init: str = "random"  # "standardised": fit-synth centres text_hidden_fcs on measured [SEG] states
     cache_features: bool = False  # needs a frozen image encoder
     feature_cache: str | None = None  # default: <out>/feature_cache
     seed: int = 0

@@ -350,3 +350,93 @@ def test_slicer_prompt_box_offers_the_trained_classes():
 
     s = Settings(recent_prompts=["Thalamus"], learned_classes=["my lesion"])
     assert s.prompt_choices(["thalamus", "putamen"]) == ["Thalamus", "my lesion", "putamen"]
+
+
+def test_standardised_prompt_head_tells_words_apart():
+    """States that share one large direction (as the language model's do) reach the decoder as nearly one
+    token through a random head; the standardised head spreads them and gives them SAM's prompt size."""
+    from rcmed_engine.model.presets import build_model, tiny_config
+    from rcmed_training.synth_stage import standardise_prompt_head
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    width = model.config.language_model.hidden_size
+    states = 20.0 * torch.randn(1, width) + torch.randn(64, width)
+    report = standardise_prompt_head(model, states)
+    assert report["cos_before"] > 0.9 and report["cos_after"] < 0.5
+    model.text_hidden_fcs.eval()
+    with torch.no_grad():
+        norms = model.text_hidden_fcs(states).norm(dim=-1)
+    assert abs(float(norms.mean()) - 2.0) < 1e-3
+
+
+def test_fit_synth_logs_the_standardised_head(phantom, tmp_path):
+    from rcmed_training.synth_stage import SynthConfig, SynthTrainer
+
+    cfg = _tiny_synth_config(tmp_path).to_dict()
+    cfg["model"]["prompt_head_init"] = "standardised"
+    cfg["optim"]["total_steps"] = 1
+    trainer = SynthTrainer(SynthConfig.from_dict(cfg), source=phantom[0])
+    trainer.fit()
+    first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["prompt_head_init"]["cos_after"] < first["prompt_head_init"]["cos_before"]
+    cfg["model"]["prompt_head_init"] = "zeros"
+    with pytest.raises(ValueError, match="prompt_head_init"):
+        SynthTrainer(SynthConfig.from_dict(cfg), source=phantom[0])
+
+
+def test_synthetic_decoder_pool_is_the_engines_pass(phantom):
+    """Each pooled question holds the [SEG] state and prompt the engine computes for that slice and word,
+    and its target; only the sampler's questions are marked asked."""
+    from rcmed_engine.model.presets import build_model, tiny_config
+    from rcmed_engine.preprocess import MODALITY_TEXT
+    from rcmed_training.synth_stage import SynthData, SynthSampler, build_synth_decoder_set
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    data = SynthData(nuclei=None, targets=4, max_present=3)
+    pool = build_synth_decoder_set(model, data, 3, seed=5, source=phantom[0])
+    assert pool.embeddings.shape[0] == 3 and int(pool.asked.sum()) == 12
+    sampler = SynthSampler(data, phantom[0], model)
+    with torch.no_grad():
+        for n in range(3):
+            pixels, qs, _ = sampler.draw(5, n)
+            prefix = model.prefix(model.encode_image(pixels[None]))
+            assert torch.allclose(pool.embeddings[n].float(), prefix.image_embedding[0], atol=2e-3)
+            for q in qs:
+                c = pool.classes.index(q.target)
+                assert pool.asked[n, c] and torch.equal(pool.targets[n, c], torch.from_numpy(q.mask > 0.5))
+                ref = model.suffix(prefix, model.plan_prompt([q.target], MODALITY_TEXT[q.modality]))
+                assert torch.allclose(pool.prompts[n, c], ref.prompts[0, 0], atol=1e-4)
+                live = pool.prompt(model, torch.tensor([n]), torch.tensor([c]))[0]
+                assert torch.allclose(live, ref.prompts[0, 0], atol=2e-2)  # from the float16 state
+    pos, neg = pool.pairs()
+    assert len(pos) + len(neg) == 12 and all(pool.asked[n, c] for n, c in pos + neg)
+
+
+def test_fit_decoder_on_a_synthetic_pool_trains_the_prompt_head(phantom, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from rcmed_engine.model.checkpoint import read_config
+    from rcmed_training import synth_stage
+    from rcmed_training.decoder_stage import fit_decoder
+    from rcmed_training.trainer import TrainConfig
+
+    monkeypatch.setattr(synth_stage, "default_brain_source", lambda data: phantom[0])
+    cfg = TrainConfig.from_dict({
+        "data": {"synth": {"nuclei": None, "targets": 3, "max_present": 2, "slices": 3, "val_slices": 2}},
+        "model": {"preset": "tiny", "train": ["mask_decoder", "text_hidden_fcs"]},
+        "optim": {"lr": 1e-3, "warmup_steps": 1, "total_steps": 3, "batch_size": 2},
+        "run": {"out": str(tmp_path / "run"), "log_every": 1, "val_every": 3, "threads": 1},
+    })
+    torch.manual_seed(0)
+    from rcmed_engine.model.presets import build_model, tiny_config
+
+    before = build_model(tiny_config()).text_hidden_fcs.mlp[0].weight.detach().clone()
+    summary = fit_decoder(cfg)
+    assert summary["train_slices"] == 3
+    saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert not torch.equal(saved["text_hidden_fcs.mlp.0.weight"].float(), before)
+    assert tuple(read_config(tmp_path / "run" / "final").vocabulary) == ALL_CLASSES
+    logged = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any("val_dice" in r for r in logged)
