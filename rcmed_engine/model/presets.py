@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import LoadReport, load_checkpoint, read_config
+from .checkpoint import load_checkpoint, read_config
 from .config import ImageEncoderConfig, LanguageModelConfig, PromptConfig, RCMedConfig
 from .image_encoder import build_image_encoder
 from .language_model import build_language_model
+from .loaded import LoadedModel
 from .mask_decoder import build_mask_decoder, build_prompt_encoder
 from .rcmed import RCMed
 
 PRESETS = ("tiny", "lite", "syre-7b")
 
-
-@dataclass
-class LoadedModel:
-    model: RCMed
-    weights: str  # where the RCMed weights came from
-    report: LoadReport | None
+__all__ = ["PRESETS", "BUILDERS", "LoadedModel", "build_model", "lite_config", "lite_weights_dir", "load_preset",
+           "syre7b_config", "tiny_config"]
 
 
 def tiny_config() -> RCMedConfig:
@@ -128,7 +124,7 @@ def _syre7b(weights: str | Path | None, dtype: torch.dtype) -> LoadedModel:
     if weights is None:
         raise ValueError("the syre-7b preset needs --weights DIR: a folder with the released McGregorW/SyRe "
                          "weights, as downloaded or as converted once by `rcmed convert-syre SRC DST`")
-    from .syre import load_syre
+    from .syre import load_syre  # lazily: the released-weights reader is only needed for this preset
 
     return load_syre(weights, dtype)
 

@@ -41,6 +41,7 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, LoadReport
 from .config import ImageEncoderConfig, LanguageModelConfig, PromptConfig, RCMedConfig
 from .llama_tokenizer import LlamaSlowTokenizer, TokenizerError
+from .loaded import LoadedModel
 
 PRESET = "syre-7b"
 MARKER_NAME = "syre.json"  # marks a converted folder
@@ -477,10 +478,8 @@ def _tokenizer(folder: Path) -> LlamaSlowTokenizer:
         raise CheckpointError(str(exc)) from exc
 
 
-def load_syre(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a released or converted SyRe folder into the syre-7b preset. Returns a ``LoadedModel``."""
-    from .presets import LoadedModel
-
+def load_syre(folder: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a released or converted SyRe folder into the syre-7b preset."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"weights folder not found: {folder}")
