@@ -190,8 +190,9 @@ class RemoteEngine:
         with self._lock:
             self._known.pop(ident, None)
 
-    def _wire_image(self, image: Volume | np.ndarray) -> tuple[str, np.ndarray, Any, dict[str, str]]:
-        volume = as_volume(image)
+    def _wire_image(self, image: Volume | np.ndarray,
+                    rgb: bool | None = None) -> tuple[str, np.ndarray, Any, dict[str, str]]:
+        volume = as_volume(image, rgb)
         try:
             array, geometry, meta = wire.as_wire_volume(volume)
         except wire.WireError as exc:
@@ -221,9 +222,9 @@ class RemoteEngine:
         self._upload(*image)
         return ident
 
-    def upload(self, image: Volume | np.ndarray) -> str:
+    def upload(self, image: Volume | np.ndarray, rgb: bool | None = None) -> str:
         """Upload an image (unless the server holds it already); returns its id."""
-        return self._ensure(self._wire_image(image))
+        return self._ensure(self._wire_image(image, rgb))
 
     # ----------------------------------------------------------------------------------------- info
     def info(self) -> dict[str, Any]:
@@ -251,9 +252,9 @@ class RemoteEngine:
         """Empty the server engine's embedding cache (uploaded images stay)."""
         self._json("DELETE", "/cache")
 
-    def forget_image(self, image: Volume | np.ndarray | str) -> bool:
+    def forget_image(self, image: Volume | np.ndarray | str, rgb: bool | None = None) -> bool:
         """Drop an image from the server; True when it was there."""
-        ident = image if isinstance(image, str) else self._wire_image(image)[0]
+        ident = image if isinstance(image, str) else self._wire_image(image, rgb)[0]
         self._forget(ident)
         response = self._request("DELETE", f"/images/{ident}")
         if response.status_code == 404:
@@ -283,9 +284,9 @@ class RemoteEngine:
 
     # ----------------------------------------------------------------------------------------- segment
     def set_image(self, image: Volume | np.ndarray, modality: str | None = None, axis: str = "axial",
-                  slices: Sequence[int] | None = None) -> list[str]:
+                  slices: Sequence[int] | None = None, rgb: bool | None = None) -> list[str]:
         """Upload the image and have the server compute and cache its prompt-free work."""
-        wired = self._wire_image(image)
+        wired = self._wire_image(image, rgb)
         body = {"modality": modality, "axis": axis, "slices": None if slices is None else [int(s) for s in slices]}
         for attempt in range(3):
             ident = self._ensure(wired, force=attempt > 0)
@@ -299,15 +300,15 @@ class RemoteEngine:
     def segment(self, image: Volume | np.ndarray, prompt: str, *, modality: str | None = None,
                 axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                registry: Any = None) -> SegmentResult:
+                registry: Any = None, rgb: bool | None = None) -> SegmentResult:
         """Segment what ``prompt`` names, on the server (see Engine.segment)."""
         return self.segment_many(image, [prompt], modality=modality, axis=axis, slices=slices,
-                                 progress=progress, cancel=cancel, registry=registry)[0]
+                                 progress=progress, cancel=cancel, registry=registry, rgb=rgb)[0]
 
     def segment_many(self, image: Volume | np.ndarray, prompts: Sequence[str], *, modality: str | None = None,
                      axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
                      progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                     registry: Any = None) -> list[SegmentResult]:
+                     registry: Any = None, rgb: bool | None = None) -> list[SegmentResult]:
         """Several prompts on one image, on the server (see Engine.segment_many).
 
         ``registry``: None lets the server decide (its class registry when it has one); a truthy
@@ -316,7 +317,7 @@ class RemoteEngine:
         started = time.perf_counter()
         if isinstance(prompts, str):
             prompts = [prompts]
-        wired = self._wire_image(image)
+        wired = self._wire_image(image, rgb)
         body: dict[str, Any] = {
             "prompts": [str(p) for p in prompts], "modality": modality, "axis": axis,
             "slices": None if slices is None else [None if s is None else int(s) for s in slices],
@@ -420,10 +421,11 @@ class RemoteEngine:
     # ----------------------------------------------------------------------------------------- classes
     def register_class(self, image: Volume | np.ndarray, mask: Volume | np.ndarray, name: str,
                        axis: str = "axial", slice_index: int | None = None, modality: str | None = None,
-                       registry: Any = None, label: int | None = None, slice: int | None = None) -> Any:
+                       registry: Any = None, label: int | None = None, slice: int | None = None,
+                       rgb: bool | None = None) -> Any:
         """Register a class in the server's registry from one labelled slice (see Engine.register_class);
         ``registry`` is the server's, whatever is passed here."""
-        wired = self._wire_image(image)
+        wired = self._wire_image(image, rgb)
         m = mask.array if isinstance(mask, Volume) else np.asarray(mask)
         if m.ndim == 2:
             m = m[None]

@@ -18,7 +18,8 @@ import torch
 
 from . import __version__
 from .geometry import SliceFrame, Volume, from_slices, parse_slice_range, to_slices  # noqa: F401 (re-exported)
-from .model.presets import LoadedModel, load_preset
+from .model.loaded import LoadedModel
+from .model.presets import load_preset
 from .model.rcmed import ImageFeatures, PrefixState, RCMed
 from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonical_modality, content_hash,
                          infer_modality, intensity_window, plan_resize, postprocess_logits, prepare_slices,
@@ -88,6 +89,13 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise EngineError(f"unknown device {device!r}; use auto, cpu or cuda")
     return torch.device(device)
+
+
+def _as_label_volume(mask: Volume | np.ndarray) -> Volume:
+    """A mask as a Volume: a plain 2D or 3D array is a label map, never colour, even when its last axis is 3."""
+    if not isinstance(mask, Volume) and np.ndim(mask) in (2, 3):
+        return as_volume(mask, rgb=False)
+    return as_volume(mask)  # a Volume, or a shape the scalar check rejects with its own message
 
 
 class Engine:
@@ -190,8 +198,9 @@ class Engine:
             if bad:
                 raise EngineError(f"the image contains {bad} NaN or infinite voxels; fix or mask them first")
 
-    def prepare(self, image: Volume | np.ndarray, modality: str | None, axis: str) -> _Prepared:
-        volume = as_volume(image)
+    def prepare(self, image: Volume | np.ndarray, modality: str | None, axis: str,
+                rgb: bool | None = None) -> _Prepared:
+        volume = as_volume(image, rgb)
         self._validate(volume)
         if modality is None or modality == "auto":
             modality = infer_modality(volume.array, volume.meta)
@@ -256,13 +265,13 @@ class Engine:
         return PrefixState.stack(states), timings  # type: ignore[arg-type]
 
     def set_image(self, image: Volume | np.ndarray, modality: str | None = None, axis: str = "axial",
-                  slices: Sequence[int] | None = None) -> list[str]:
+                  slices: Sequence[int] | None = None, rgb: bool | None = None) -> list[str]:
         """Compute and cache the prompt-free part for slices of an image; returns their cache keys.
 
         Later ``segment`` calls on the same content (same slice bytes) reuse it.
         """
         with self._lock:
-            prep = self.prepare(image, modality, axis)
+            prep = self.prepare(image, modality, axis, rgb)
             index = list(range(prep.stack.shape[0])) if slices is None else list(slices)
             keys: list[str] = []
             for start in range(0, len(index), self.batch_size):
@@ -276,25 +285,27 @@ class Engine:
     def segment(self, image: Volume | np.ndarray, prompt: str, *, modality: str | None = None,
                 axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
                 progress: ProgressCallback | None = None, cancel: CancelToken | None = None,
-                registry: "ClassRegistry | str | None" = None, otfa: "OTFAConfig | None" = None) -> SegmentResult:
+                registry: "ClassRegistry | str | None" = None, otfa: "OTFAConfig | None" = None,
+                rgb: bool | None = None) -> SegmentResult:
         """Segment what ``prompt`` names. Several targets ("liver, spleen and left kidney") give one
         label each, through one [SEG] per target in a single answer. A target that names a class of
         ``registry`` (a ClassRegistry or its folder; default: the one ``use_registry`` set, else the user's
         default registry folder when it exists, see otfa.default_registry_dir) is segmented
-        with one-shot adaptation (rcmed_engine.otfa); other targets are untouched."""
+        with one-shot adaptation (rcmed_engine.otfa); other targets are untouched. ``rgb`` says whether a
+        plain array's last axis is colour (see results.as_volume); a Volume's colour is its own."""
         return self.segment_many(image, [prompt], modality=modality, axis=axis, slices=slices,
-                                 progress=progress, cancel=cancel, registry=registry, otfa=otfa)[0]
+                                 progress=progress, cancel=cancel, registry=registry, otfa=otfa, rgb=rgb)[0]
 
     def segment_many(self, image: Volume | np.ndarray, prompts: Sequence[str], *, modality: str | None = None,
                      axis: str = "axial", slices: tuple[int | None, int | None] | None = None,
                      progress: ProgressCallback | None = None,
                      cancel: CancelToken | None = None, registry: "ClassRegistry | str | None" = None,
-                     otfa: "OTFAConfig | None" = None) -> list[SegmentResult]:
+                     otfa: "OTFAConfig | None" = None, rgb: bool | None = None) -> list[SegmentResult]:
         """Several prompts on one image, sharing the encoder and prefix work of every slice."""
         t_start = time.perf_counter()
         parsed = [parse_targets(p) for p in prompts]
         with self._lock:
-            prep = self.prepare(image, modality, axis)
+            prep = self.prepare(image, modality, axis, rgb)
             n = prep.stack.shape[0]
             lo, hi = self._check_range(slices, n)
             modality_text = MODALITY_TEXT[prep.modality]
@@ -402,7 +413,8 @@ class Engine:
     def register_class(self, image: Volume | np.ndarray, mask: Volume | np.ndarray, name: str, axis: str = "axial",
                        slice_index: int | None = None, modality: str | None = None,
                        registry: "ClassRegistry | str | None" = None, label: int | None = None,
-                       otfa: "OTFAConfig | None" = None, slice: int | None = None) -> dict[str, object]:
+                       otfa: "OTFAConfig | None" = None, slice: int | None = None,
+                       rgb: bool | None = None) -> dict[str, object]:
         """Register the class ``name`` from one outlined slice of ``image`` (a new shot when it exists).
 
         mask: a label map on the image's grid (same shape; same geometry when both are Volumes); the
@@ -422,8 +434,8 @@ class Engine:
             reg = self._registry(registry, create=True)
         except _otfa.RegistryError as exc:
             raise EngineError(str(exc)) from None
-        volume = as_volume(image)
-        mvol = as_volume(mask)
+        volume = as_volume(image, rgb)
+        mvol = _as_label_volume(mask)
         if mvol.array.ndim != 3:
             raise EngineError(f"the mask must be a scalar label map, got an array of shape {mvol.array.shape}")
         if mvol.shape_zyx != volume.shape_zyx:

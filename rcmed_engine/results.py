@@ -66,14 +66,37 @@ class SegmentResult:
 IDENTITY_GEOMETRY = Geometry((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
 
-def as_volume(image: Volume | np.ndarray) -> Volume:
-    """What both engines make of an input: a Volume as is; a 2D slice (grey, or RGB uint8 H x W x 3) or a
-    3D array becomes a volume with identity geometry, so local and remote engines see the same voxels."""
+def as_volume(image: Volume | np.ndarray, rgb: bool | None = None) -> Volume:
+    """What both engines make of an input, so local and remote engines see the same voxels.
+
+    A Volume is returned as is: its colour is what the file reader found (``Volume.is_rgb``); an ``rgb``
+    that contradicts it is an error. A plain array gets identity geometry, and ``rgb`` says whether its
+    last axis holds colour:
+
+    - ``rgb=True``: ``(H, W, 3)`` is one colour image, ``(n, H, W, 3)`` a colour stack;
+    - ``rgb=False``: ``(H, W)`` is one grey image, ``(n, H, W)`` a grey volume, even when ``W == 3``;
+    - ``rgb=None`` (the default, kept for callers that do not say): a uint8 ``(H, W, 3)`` array is taken for
+      one colour image, any other 3D array for a grey volume, a 4D array for a colour stack.
+    """
     if isinstance(image, Volume):
+        if rgb is not None and bool(rgb) != image.is_rgb:
+            found = "colour" if image.is_rgb else "grey"
+            raise EngineError(f"rgb={rgb} was given for a {found} image of shape {image.array.shape}")
         return image
     array = np.asarray(image)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
-        array = array[None]
+    if rgb is None:  # the old guess: one uint8 RGB picture is far commoner than a 3-column grey volume
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3 and array.dtype == np.uint8):
+            array = array[None]
+    elif rgb:
+        if array.ndim not in (3, 4) or array.shape[-1] != 3:
+            raise EngineError(f"rgb=True needs an (H, W, 3) image or an (n, H, W, 3) stack, got shape {array.shape}")
+        if array.ndim == 3:
+            array = array[None]
+    else:
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3:
+            raise EngineError(f"rgb=False needs an (H, W) image or an (n, H, W) volume, got shape {array.shape}")
     if array.ndim not in (3, 4):
         raise EngineError(f"expected a 2D slice or a 3D volume, got an array of shape {array.shape}")
     return Volume(array, IDENTITY_GEOMETRY, {})

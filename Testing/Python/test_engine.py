@@ -21,6 +21,7 @@ from rcmed_engine.cli import main
 from rcmed_engine.engine import Cancelled, Engine, EngineError
 from rcmed_engine.geometry import Geometry, Volume, from_slices, to_slices
 from rcmed_engine.io import read_image, read_labelmap, write_labelmap
+from rcmed_engine.results import as_volume
 from rcmed_engine.model.checkpoint import WEIGHTS_NAME, file_sha256, save_checkpoint
 from rcmed_engine.model.presets import load_preset
 from rcmed_engine.model.rcmed import ImageFeatures, PrefixState, RCMed, SliceOutput
@@ -363,6 +364,27 @@ def test_rgb_uint8_array(exact_model):
     np.testing.assert_array_equal(result.labels[0] == 1, img[..., 0] > 127)
     with pytest.raises(EngineError, match="modality"):
         tiny_engine().segment(img, "lesion")  # colour photographs have no honest modality guess
+
+
+def test_grey_volume_three_columns_wide(exact_model):
+    """A uint8 (n, H, 3) array is a grey volume three voxels wide when the caller says rgb=False; the
+    default still reads it as one colour picture, and rgb=True says so explicitly."""
+    vol = np.zeros((4, 9, 3), np.uint8)
+    vol[1:3, 2:7, 0] = 200
+    vol[2:4, 5:8, 2] = 255
+    result = tiny_engine().segment(vol, "spot", modality="MR", rgb=False)
+    assert result.labels.shape == (4, 9, 3)
+    np.testing.assert_array_equal(result.labels == 1, vol > 127)
+    assert as_volume(vol, rgb=False).array.shape == (4, 9, 3)
+    assert as_volume(vol, rgb=True).array.shape == (1, 4, 9, 3)
+    assert as_volume(vol).array.shape == (1, 4, 9, 3)
+    assert as_volume(vol.astype(np.int16)).array.shape == (4, 9, 3)  # only uint8 was ever taken for colour
+    with pytest.raises(EngineError, match="rgb=True"):
+        as_volume(np.zeros((4, 9, 5), np.uint8), rgb=True)
+    with pytest.raises(EngineError, match="rgb=False"):
+        as_volume(np.zeros((2, 4, 9, 3), np.uint8), rgb=False)
+    with pytest.raises(EngineError, match="grey image"):
+        as_volume(Volume(vol, GEOMETRY), rgb=True)  # a Volume's colour is what its reader found
 
 
 @pytest.mark.parametrize("rgb", [False, True])
