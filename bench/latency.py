@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rcmed_engine.demo import MNI_T1, nilearn_data_dir
+from rcmed_engine.data_locations import MNI_T1, nilearn_data_dir
 from rcmed_engine.engine import Engine
 from rcmed_engine.geometry import Volume
 from rcmed_engine.io import read_image

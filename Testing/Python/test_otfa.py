@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -380,12 +379,9 @@ def test_cli_evaluate_with_registry(tmp_path, capsys, engine):
 
 # ---------------------------------------------------------------------------------------------- lite
 def _mni_t1() -> Path | None:
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
-        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-    return path if path.is_file() else None
+    from rcmed_engine.data_locations import find_mni_t1
+
+    return find_mni_t1()
 
 
 @pytest.mark.lite

