@@ -1,0 +1,171 @@
+"""Jobs: a volume's segmentation runs on the model thread while the client polls its progress.
+
+The table keeps queued, running and recently finished jobs (their results wait for the client), finds a
+retried request by its idempotency key, and wakes long polls when a job changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ApiError, one_line
+
+log = logging.getLogger("rcmed.server")
+
+FINAL = ("done", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    id: str
+    image: str
+    prompts: list[str]
+    total: int
+    key: str | None = None
+    status: str = "queued"
+    done: int = 0
+    error: str | None = None
+    error_kind: str | None = None      # "invalid" (the request cannot be done) or "internal"
+    version: int = 0
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    results: list | None = None
+    encoded: dict[str, bytes] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    waiters: list = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "done": self.done, "total": self.total,
+                "error": self.error, "error_kind": self.error_kind, "version": self.version,
+                "image": self.image, "prompts": list(self.prompts), "created": self.created,
+                "finished": self.finished}
+
+
+class JobTable:
+    """The server's jobs by id (in submission order) and by idempotency key."""
+
+    def __init__(self, keep: int, ttl_s: float) -> None:
+        self.keep = keep
+        self.ttl_s = ttl_s
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.by_key: dict[str, str] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None  # set at start: workers wake waiters through it
+
+    def add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if job.key:
+            self.by_key[job.key] = job.id
+
+    def by_idempotency_key(self, key: str | None) -> Job | None:
+        if not key or key not in self.by_key:
+            return None
+        return self.jobs.get(self.by_key[key])
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"unknown job {job_id}: it finished long ago or the server restarted; "
+                                "submit it again")
+        return job
+
+    def values(self) -> list[Job]:
+        return list(self.jobs.values())
+
+    def active(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.status not in FINAL)
+
+    def purge(self) -> None:
+        """Drop finished jobs beyond the ``keep`` newest and those older than the time to live."""
+        now = time.time()
+        finished = [j for j in self.jobs.values() if j.status in FINAL]
+        excess = len(finished) - self.keep
+        for j in finished:
+            if excess > 0 or now - (j.finished or now) > self.ttl_s:
+                self.jobs.pop(j.id, None)
+                if j.key:
+                    self.by_key.pop(j.key, None)
+                excess -= 1
+
+    def cancel_all(self) -> None:
+        for job in self.jobs.values():
+            job.cancel.set()
+
+    # -- change notification (called from the model thread; waiters live on the event loop)
+    def notify(self, job: Job) -> None:
+        def wake() -> None:
+            job.version += 1
+            waiters, job.waiters = job.waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+        if self.loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                self.loop.call_soon_threadsafe(wake)
+
+    def finish(self, job: Job, status: str, error: str | None = None, kind: str | None = None) -> None:
+        job.status, job.error, job.error_kind = status, error, kind
+        job.finished = time.time()
+        self.notify(job)
+
+    def cancel(self, job: Job) -> None:
+        if job.status not in FINAL:
+            job.cancel.set()
+            if job.status == "queued":  # never started: it is cancelled now
+                job.status, job.error, job.finished = "cancelled", "cancelled by the client", time.time()
+                self.notify(job)
+
+    async def wait(self, job: Job, wait: float, max_wait: float, since: int = -1, final: bool = True) -> None:
+        """Long poll: until the job changes from version ``since`` (or ends, with ``final``), at most ``wait`` s."""
+        end = time.monotonic() + min(wait, max_wait)
+        while job.status not in FINAL and (final or since < 0 or job.version == since):
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            fut = asyncio.get_running_loop().create_future()
+            job.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                return
+            if not final:
+                return
+
+    # -- running (on the model thread)
+    def run(self, job: Job, segment: Callable[..., list]) -> None:
+        """Run ``segment(progress=..., cancel=...)`` for the job and record how it ended."""
+        from ..engine import Cancelled
+
+        if job.cancel.is_set():
+            self.finish(job, "cancelled", "cancelled by the client before it started")
+            return
+        job.status = "running"
+        self.notify(job)
+
+        def progress(done: int, total: int) -> None:
+            job.done, job.total = int(done), int(total)
+            self.notify(job)
+
+        try:
+            results = segment(progress=progress, cancel=job.cancel)
+        except Cancelled:
+            self.finish(job, "cancelled", "cancelled by the client")
+        except ApiError as exc:
+            self.finish(job, "failed", exc.message, "invalid")
+        except ValueError as exc:
+            self.finish(job, "failed", one_line(exc), "invalid")
+        except Exception:  # noqa: BLE001 - logged here, reported as one line
+            ref = uuid.uuid4().hex[:8]
+            log.exception("job %s failed (ref %s)", job.id, ref)
+            self.finish(job, "failed", f"internal error in the engine (server log ref {ref})", "internal")
+        else:
+            job.results = results
+            self.finish(job, "done")

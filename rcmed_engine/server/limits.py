@@ -1,0 +1,102 @@
+"""The limits of ``ServerSettings``: request bodies (a middleware and the upload dependency), prompts and
+active jobs. Crossing one answers 413 (or 503 for jobs, with Retry-After) and says which limit it was."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from fastapi import Depends, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .errors import ApiError, error_response, one_line
+from .models import SegmentRequest
+from .state import ServerState, get_state
+
+log = logging.getLogger("rcmed.server")
+
+
+class BodyLimit:
+    """Every request body (JSON included) is bounded by the upload limit, declared or streamed."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is over this server's limit of {self.limit} bytes"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await error_response(413, message)(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.limit:
+                    raise StarletteHTTPException(413, message)
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def upload_body(request: Request, st: ServerState = Depends(get_state)) -> bytes:
+    """The raw body of an upload, read in full within the upload limit and checked against its length."""
+    limit = st.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "Content-Length must be a whole number")
+        if int(declared) > limit:
+            raise ApiError(413, f"the upload is {int(declared)} bytes; this server's limit is {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the upload is over this server's limit of {limit} bytes")
+    except ClientDisconnect:
+        log.info("an upload was cut off after %d bytes; nothing was stored", len(body))
+        raise ApiError(400, "the upload was cut off; nothing was stored") from None
+    if declared is not None and len(body) != int(declared):
+        raise ApiError(400, f"the upload is truncated: {len(body)} of {declared} bytes arrived")
+    if not body:
+        raise ApiError(400, "the upload is empty: send an RCMA array frame or a NIfTI/NRRD file")
+    return bytes(body)
+
+
+def checked_prompts(st: ServerState, req: SegmentRequest) -> list[str]:
+    """The request's prompts, within the count and length limits and each readable as targets."""
+    from ..prompts import parse_targets
+
+    settings = st.settings
+    if (req.prompt is None) == (req.prompts is None):
+        raise ApiError(422, "give either prompt or prompts")
+    prompts = [req.prompt] if req.prompt is not None else list(req.prompts or [])
+    if len(prompts) > settings.max_prompts:
+        raise ApiError(413, f"{len(prompts)} prompts in one request; this server's limit is {settings.max_prompts}")
+    for p in prompts:
+        if len(p) > settings.max_prompt_chars:
+            raise ApiError(413, f"the prompt is {len(p)} characters long; this server's limit is "
+                                f"{settings.max_prompt_chars}")
+        try:
+            parse_targets(p)
+        except ValueError as exc:
+            raise ApiError(422, one_line(exc)) from None
+    return prompts
+
+
+def check_job_slots(st: ServerState) -> None:
+    """Refuse a new job while the queued and running ones are at the limit (503: the client retries)."""
+    st.jobs.purge()
+    active = st.jobs.active()
+    if active >= st.settings.max_active_jobs:
+        raise ApiError(503, f"{active} jobs are queued or running, this server's limit; retry later",
+                       {"Retry-After": "2"})
