@@ -205,6 +205,15 @@ def test_remote_masks_equal_local_bit_for_bit(case, remote, local):
         assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] == a.slices[1] - a.slices[0]
 
 
+def test_grey_volume_three_columns_wide_remote_equals_local(remote, local):
+    """rgb=False reaches the wire: a uint8 (n, H, 3) array is a grey volume on the server as it is locally."""
+    vol = np.random.default_rng(12).integers(0, 256, (5, 20, 3), dtype=np.uint8)
+    a = remote.segment(vol, "liver", modality="CT", rgb=False)
+    b = local.segment(vol, "liver", modality="CT", rgb=False)
+    same(a, b)
+    assert a.labels.shape == (5, 20, 3)
+
+
 def test_segment_many_gzip_and_set_image(server, local):
     volume = ct_volume(11, (9, 32, 28))
     with server.client(codec="gzip") as remote:
