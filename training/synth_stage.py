@@ -58,6 +58,7 @@ class SynthData:
     min_pixels: int = 6  # in the encoder's 256 px frame: fewer pixels count as absent
     max_rotation: float = 20.0
     p_real: float = 0.3
+    nuclei_question: float = 0.0  # chance that a brain slice's first absent question is "cell nuclei"
 
 
 @dataclass
@@ -167,6 +168,9 @@ class SynthSampler:
         names = sorted(masks)
         rng.shuffle(names)
         qs = [Question(n, modality, True, masks[n]) for n in names[: self.cfg.max_present]]
+        if self.cfg.nuclei_question and len(qs) < self.cfg.targets and rng.random() < self.cfg.nuclei_question:
+            # The microscopy class on a brain: the one foreign word both modalities' slices share.
+            qs.append(Question("cell nuclei", modality, False, np.zeros((self.size, self.size), np.float32)))
         while len(qs) < self.cfg.targets:
             qs.append(self._absent(rng, set(masks), modality, tuple(self.src.class_names) + ("cell nuclei",)))
         return pixels, qs, s.kind

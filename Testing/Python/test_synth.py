@@ -442,3 +442,19 @@ def test_fit_decoder_on_a_synthetic_pool_trains_the_prompt_head(phantom, tmp_pat
     assert tuple(read_config(tmp_path / "run" / "final").vocabulary) == ALL_CLASSES
     logged = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any("val_dice" in r for r in logged)
+
+
+def test_nuclei_question_asks_cell_nuclei_of_brains(phantom):
+    from rcmed_engine.model.presets import build_model, tiny_config
+    from rcmed_training.synth_stage import SynthData, SynthSampler
+
+    model = build_model(tiny_config())
+    plain = SynthSampler(SynthData(nuclei=None, targets=4, max_present=2), phantom[0], model)
+    asked = SynthSampler(SynthData(nuclei=None, targets=4, max_present=2, nuclei_question=1.0), phantom[0], model)
+    for n in range(6):
+        _, qs, _ = asked.draw(0, n)
+        nuclei = [q for q in qs if q.target == "cell nuclei"]
+        assert nuclei and not any(q.present or q.mask.any() for q in nuclei) and len(qs) == 4
+        # The slice and its present targets do not change: the question takes an absent one's place.
+        _, base, _ = plain.draw(0, n)
+        assert [q.target for q in base if q.present] == [q.target for q in qs if q.present]
