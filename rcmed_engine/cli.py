@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=int, default=1024, help="largest upload (default 1024)")
     srv.add_argument("--max-voxels", type=int, default=1 << 29, help="largest image in voxels (default 2^29)")
     srv.add_argument("--max-prompt-chars", type=int, default=500, help="longest prompt (default 500)")
+    srv.add_argument("--max-request-mb", type=int, default=None, help="memory one request may cost, its body "
+                     "and every copy decoding makes (default: a sixteenth of this machine's memory, 256..8192)")
+    srv.add_argument("--decode-workers", type=int, default=2, help="uploads read and decoded at once (default 2)")
+    srv.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a decode slot or "
+                     "the model; more answer 503 with Retry-After (default 16)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_model_args(srv)
 
@@ -323,12 +328,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, serve
 
-    for name in ("port", "cache_mb", "max_upload_mb", "max_voxels", "max_prompt_chars"):
+    for name in ("port", "cache_mb", "max_upload_mb", "max_voxels", "max_prompt_chars", "decode_workers"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_request_mb is not None and args.max_request_mb < 1:
+        raise CLIError("--max-request-mb must be positive")
+    if args.max_waiting < 0:
+        raise CLIError("--max-waiting must be 0 or more")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, registry=args.registry,
                               cache_bytes=args.cache_mb << 20, max_upload_bytes=args.max_upload_mb << 20,
-                              max_voxels=args.max_voxels, max_prompt_chars=args.max_prompt_chars)
+                              max_voxels=args.max_voxels, max_prompt_chars=args.max_prompt_chars,
+                              max_request_bytes=None if args.max_request_mb is None else args.max_request_mb << 20,
+                              decode_workers=args.decode_workers, max_waiting=args.max_waiting)
 
     def load():
         from .engine import Engine

@@ -42,6 +42,13 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     waiters: list = field(default_factory=list)
 
+    def nbytes(self) -> int:
+        """Memory its results hold (label maps, presence scores, encoded answers)."""
+        held = sum(len(v) for v in self.encoded.values())
+        for r in self.results or ():
+            held += sum(int(getattr(getattr(r, k, None), "nbytes", 0) or 0) for k in ("labels", "presence"))
+        return held
+
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "done": self.done, "total": self.total,
                 "error": self.error, "error_kind": self.error_kind, "version": self.version,
@@ -52,9 +59,10 @@ class Job:
 class JobTable:
     """The server's jobs by id (in submission order) and by idempotency key."""
 
-    def __init__(self, keep: int, ttl_s: float) -> None:
+    def __init__(self, keep: int, ttl_s: float, max_bytes: int | None = None) -> None:
         self.keep = keep
         self.ttl_s = ttl_s
+        self.max_bytes = max_bytes  # the finished results kept, in all (the newest is always kept)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.by_key: dict[str, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None  # set at start: workers wake waiters through it
@@ -83,15 +91,19 @@ class JobTable:
         return sum(1 for j in self.jobs.values() if j.status not in FINAL)
 
     def purge(self) -> None:
-        """Drop finished jobs beyond the ``keep`` newest and those older than the time to live."""
+        """Drop finished jobs beyond the ``keep`` newest, those older than the time to live and, oldest
+        first, those whose results take the held results over ``max_bytes``."""
         now = time.time()
         finished = [j for j in self.jobs.values() if j.status in FINAL]
         excess = len(finished) - self.keep
+        held = sum(j.nbytes() for j in finished) if self.max_bytes is not None else 0
         for j in finished:
-            if excess > 0 or now - (j.finished or now) > self.ttl_s:
+            over = self.max_bytes is not None and held > self.max_bytes and j is not finished[-1]
+            if excess > 0 or now - (j.finished or now) > self.ttl_s or over:
                 self.jobs.pop(j.id, None)
                 if j.key:
                     self.by_key.pop(j.key, None)
+                held -= j.nbytes() if self.max_bytes is not None else 0
                 excess -= 1
 
     def cancel_all(self) -> None:
@@ -115,6 +127,9 @@ class JobTable:
         job.status, job.error, job.error_kind = status, error, kind
         job.finished = time.time()
         self.notify(job)
+        if self.loop is not None:  # keep the held results within max_bytes (on the loop: it owns the table)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.purge)
 
     def cancel(self, job: Job) -> None:
         if job.status not in FINAL:

@@ -4,6 +4,7 @@ active jobs. Crossing one answers 413 (or 503 for jobs, with Retry-After) and sa
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 from fastapi import Depends, Request
@@ -100,3 +101,23 @@ def check_job_slots(st: ServerState) -> None:
     if active >= st.settings.max_active_jobs:
         raise ApiError(503, f"{active} jobs are queued or running, this server's limit; retry later",
                        {"Retry-After": "2"})
+
+
+def check_label_map_cost(st: ServerState, shape: list[int]) -> None:
+    """A label map decodes to one byte a voxel, plus one mask's bits unpacked (up to a byte a voxel again)."""
+    voxels = math.prod(max(1, int(n)) for n in shape)
+    if voxels > st.settings.max_voxels:
+        raise ApiError(413, f"the label map has {voxels} voxels; this server's limit is {st.settings.max_voxels}")
+    cost = 2 * voxels + voxels // 8
+    if cost > st.request_bytes:
+        raise ApiError(413, f"decoding the label map would take about {cost >> 20} MB of memory, more than this "
+                            f"server allows one request ({st.request_bytes >> 20} MB, --max-request-mb)")
+
+
+def check_output_cost(st: ServerState, n_prompts: int, voxels: int) -> None:
+    """A segment request's answer: one uint8 label map per prompt, and one more while it is encoded."""
+    cost = (n_prompts + 1) * voxels
+    if cost > st.request_bytes:
+        raise ApiError(413, f"{n_prompts} label maps of {voxels} voxels would take about {cost >> 20} MB of memory, "
+                            f"more than this server allows one request ({st.request_bytes >> 20} MB, "
+                            "--max-request-mb); send fewer prompts per request")

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from .app import create_app
+from .memory import bound_problem, describe_bound
 from .models import API
 from .settings import ServerSettings
 from .state import ServerState
@@ -34,6 +35,9 @@ def serve(engine: Any, settings: ServerSettings | None = None, *, log_level: str
     settings = ServerSettings(**{**settings.__dict__, "token": token})
     app = create_app(engine, settings)
     st: ServerState = app.state.rcmed
+    problem = bound_problem(st.bound, settings) if settings.check_memory else None
+    if problem:
+        raise RuntimeError(f"refusing to start: {problem}")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             access_log=log_level == "debug", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -56,6 +60,7 @@ def serve(engine: Any, settings: ServerSettings | None = None, *, log_level: str
               "address and knows the token can use the engine; put TLS in front of it", file=sys.stderr)
     print(f"rcmed serve: http://{settings.host}:{settings.port}/{API} (preset loading in the background; "
           f"GET /{API}/health/ready says when it is ready)", file=out, flush=True)
+    print(f"rcmed serve: {describe_bound(st.bound)} (GET /{API}/info: memory)", file=out, flush=True)
     if generated:
         print(f"rcmed serve: generated token (give it to clients with --token or RCMED_TOKEN): {token}",
               file=out, flush=True)

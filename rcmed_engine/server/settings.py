@@ -24,6 +24,18 @@ class ServerSettings:
     keep_jobs: int = 16                   # finished jobs (and their results) kept for the client to fetch
     job_ttl_s: float = 600.0
     max_wait_s: float = 30.0              # the longest long poll
+    max_request_bytes: int | None = None  # memory one request may cost (body + decoding); None: from the machine
+    decode_workers: int = 2               # uploads decoded at once (each within max_request_bytes)
+    max_waiting: int = 16                 # requests waiting for a decode slot or the model; more answer 503
+    check_memory: bool = True             # rcmed serve refuses to start when its memory bound exceeds the machine
+
+    def request_bytes(self, machine_bytes: int | None = None) -> int:
+        """The per-request memory budget: --max-request-mb, else derived from the machine's memory."""
+        if self.max_request_bytes is not None:
+            return int(self.max_request_bytes)
+        from .memory import default_request_bytes, machine_memory_bytes
+
+        return default_request_bytes(machine_memory_bytes() if machine_bytes is None else machine_bytes)
 
     def resolved_token(self) -> tuple[str, bool]:
         """(token, generated): --token, then RCMED_TOKEN, then a fresh random one."""

@@ -15,6 +15,8 @@ from .errors import ApiError, one_line
 from .glue import accepts
 from .image_cache import ImageCache
 from .jobs import Job, JobTable
+from .memory import bound_problem, describe_bound, engine_cache_bytes, machine_memory_bytes, memory_bound, rss_bytes
+from .pools import Pool
 from .settings import ServerSettings
 
 log = logging.getLogger("rcmed.server")
@@ -29,7 +31,16 @@ class ServerState:
         self.engine: Any = None if callable(engine) and not hasattr(engine, "segment_many") else engine
         self.load_error: str | None = None
         self.images = ImageCache(settings.cache_bytes)
-        self.jobs = JobTable(settings.keep_jobs, settings.job_ttl_s)
+        self.machine_bytes = machine_memory_bytes()
+        self.request_bytes = settings.request_bytes(self.machine_bytes)
+        # Finished results are kept within one request budget in all (the oldest go first).
+        self.jobs = JobTable(settings.keep_jobs, settings.job_ttl_s, max_bytes=self.request_bytes)
+        # Uploads: read and decoded by at most decode_workers at once, each within request_bytes.
+        self.decoders = Pool("decode", settings.decode_workers, settings.max_waiting, "uploads being decoded")
+        # Requests answered on the model thread (jobs are bounded by max_active_jobs instead).
+        self.model_pool = Pool("model", 1, settings.max_waiting, "requests on the model")
+        self.peak_rss = rss_bytes()
+        self.bound = self.memory_bound()
         # One worker: the model never runs two things at once, and work runs in the order it came.
         self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcmed-model")
         self.on_load_error: Callable[[str], None] | None = None
@@ -40,10 +51,27 @@ class ServerState:
         if self.engine is None:
             self.gpu.submit(self._load)
 
+    def memory_bound(self) -> dict[str, Any]:
+        """The peak this server can reach under its settings, with the process as it stands now."""
+        engine_bytes = engine_cache_bytes(self.engine) if self.engine is not None else 0
+        return memory_bound(self.settings, self.machine_bytes, rss_bytes(), engine_bytes)
+
+    def note_rss(self) -> int:
+        now = rss_bytes()
+        self.peak_rss = max(self.peak_rss, now)
+        return now
+
     def _load(self) -> None:
         try:
-            self.engine = self._engine_source()
-            log.info("model loaded: %s", self.engine.info())
+            engine = self._engine_source()
+            self.engine = engine
+            self.bound = self.memory_bound()  # the model's weights are now part of the process
+            problem = bound_problem(self.bound, self.settings) if self.settings.check_memory else None
+            if problem:  # not ready, ever: the server stops with this line (rcmed serve)
+                self.engine = None
+                raise RuntimeError(f"with the model loaded, {problem}")
+            log.info("model loaded: %s", engine.info())
+            log.info("%s", describe_bound(self.bound))
         except BaseException as exc:  # noqa: BLE001 - reported as a one-line readiness error
             self.load_error = one_line(exc)
             log.error("the model failed to load: %s", self.load_error)
@@ -62,8 +90,9 @@ class ServerState:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     async def on_model(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread, after everything queued before it."""
-        return await asyncio.get_running_loop().run_in_executor(self.gpu, fn)
+        """Run ``fn`` on the model thread, after everything queued before it (503 when too many wait)."""
+        async with self.model_pool.slot():
+            return await asyncio.get_running_loop().run_in_executor(self.gpu, fn)
 
     # -- images
     def image(self, image_id: str) -> Volume:

@@ -17,6 +17,7 @@ from ..auth import require_token
 from ..checks import n_slices
 from ..errors import ApiError, json_response, one_line
 from ..glue import call_registry, jsonable, require_registry
+from ..limits import check_label_map_cost
 from ..models import API, ClassesModel, ClassModel, RegisterRequest, responses
 from ..state import ServerState, get_state
 
@@ -44,10 +45,13 @@ async def list_classes(st: ServerState = Depends(get_state)) -> Response:
 async def register_class(req: RegisterRequest, st: ServerState = Depends(get_state)) -> Response:
     fn = _registry_method(st, "register_class")
     volume = st.image(req.image)
-    mask = await run_in_threadpool(wire.decode_labels, req.mask.model_dump(), st.settings.max_voxels)
-    if tuple(mask.shape) != tuple(volume.array.shape[:3]):
-        raise ApiError(422, f"the mask's shape {list(mask.shape)} differs from the image's "
+    # Checked before decoding: the shape from the JSON, what decoding costs against the request budget.
+    if tuple(req.mask.shape) != tuple(volume.array.shape[:3]):
+        raise ApiError(422, f"the mask's shape {list(req.mask.shape)} differs from the image's "
                             f"{list(volume.array.shape[:3])}")
+    check_label_map_cost(st, req.mask.shape)
+    async with st.decoders.slot():
+        mask = await run_in_threadpool(wire.decode_labels, req.mask.model_dump(), st.settings.max_voxels)
     if not mask.any():
         raise ApiError(422, "the mask is empty: outline the structure on at least one slice")
     n = n_slices(volume, req.axis)

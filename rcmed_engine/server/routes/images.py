@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -26,8 +26,16 @@ UPLOAD_BODY = {"requestBody": {"required": True, "description": "an RCMA array f
 
 @router.post("/images", status_code=201, openapi_extra=UPLOAD_BODY,
              responses=responses(_200=ImageModel, _201=ImageModel))
-async def upload_image(body: bytes = Depends(upload_body), st: ServerState = Depends(get_state)) -> Response:
-    desc, created = await run_in_threadpool(ingest, st, body)
+async def upload_image(request: Request, st: ServerState = Depends(get_state)) -> Response:
+    # A place in the decode pool first (or 503 at once), then the body: at most decode_workers bodies and
+    # decodes are in memory at any time, each within the per-request budget.
+    async with st.decoders.slot():
+        body = await upload_body(request, st)
+        try:
+            desc, created = await run_in_threadpool(ingest, st, body)
+        finally:
+            del body
+            st.note_rss()
     return json_response(desc, 201 if created else 200)
 
 

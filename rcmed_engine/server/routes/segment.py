@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 
 from fastapi import APIRouter, Depends
@@ -12,7 +13,7 @@ from ..checks import check_modality, n_slices
 from ..errors import ApiError, json_response, one_line
 from ..glue import accepts, encode_results, require_registry
 from ..jobs import Job
-from ..limits import check_job_slots, checked_prompts
+from ..limits import check_job_slots, check_output_cost, checked_prompts
 from ..models import API, JobModel, SegmentRequest, SegmentResponse, responses
 from ..state import ServerState, get_state
 
@@ -34,6 +35,7 @@ async def segment(req: SegmentRequest, st: ServerState = Depends(get_state)) -> 
     if retried is not None:
         return _accepted(retried)
     volume = st.image(req.image)
+    check_output_cost(st, len(prompts), math.prod(volume.array.shape[:3]))
     n = n_slices(volume, req.axis)
     slices = None if req.slices is None else (req.slices[0], req.slices[1])
     try:
