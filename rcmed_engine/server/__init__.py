@@ -36,6 +36,8 @@ The package follows FastAPI's own layout:
 * ``jobs.py``: the job table and how a job runs; ``image_cache.py``; ``uploads.py``: frames and files;
 * ``models.py``: the pydantic schemas; ``errors.py``: the one-line JSON errors; ``settings.py``;
 * ``glue.py``: optional engine parameters, results and registry entries as JSON; ``checks.py``.
+* ``headers.py``: what an upload costs, from its NIfTI/NRRD header; ``memory.py``: the per-request budget and
+  the server's memory bound; ``pools.py``: the bounded decode and model queues (503 with Retry-After beyond).
 """
 
 from __future__ import annotations
