@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from rcmed_engine.terminology import segment_color
 
 # The string format Slicer serialises a terminology entry to (vtkSlicerTerminologiesModuleLogic):
-# context~category~type~type modifier~anatomic context~anatomic region~region modifier|
+# context~category~type~type modifier~anatomic context~anatomic region~region modifier (no trailing "|":
+# SerializeTerminologyEntry writes none, so a "|" would not round-trip; test_slicer_core.py holds this)
 # where each code is "CodingSchemeDesignator^CodeValue^CodeMeaning".
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -73,7 +74,7 @@ def lookup(name: str) -> TerminologyMatch | None:
         return None
     category, typ, modifier = hit
     entry = "~".join([TERMINOLOGY_CONTEXT, _code(category), _code(typ), _code(modifier),
-                      ANATOMIC_CONTEXT, "^^", "^^"]) + "|"
+                      ANATOMIC_CONTEXT, "^^", "^^"])
     return TerminologyMatch(name=key, entry=entry, type_meaning=typ[2], color=segment_color(key))
 
 

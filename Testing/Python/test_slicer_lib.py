@@ -571,7 +571,7 @@ def test_terminology_entries():
     m = terminology.lookup("  Liver ")
     assert m.entry == ("Segmentation category and type - 3D Slicer General Anatomy list"
                        "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^"
-                       "~Anatomic codes - DICOM master list~^^~^^|")
+                       "~Anatomic codes - DICOM master list~^^~^^")
     assert m.color == pytest.approx((221 / 255, 130 / 255, 101 / 255))
     left = terminology.lookup("left kidney")
     assert "SCT^64033007^Kidney~SCT^7771000^Left" in left.entry
