@@ -633,9 +633,8 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
                 segment = segmentation.GetSegment(segmentId)
                 self.describeSegment(segment, item)
                 labelmap = orientedImageFromArray(item.mask.astype(np.uint8), ijkToSegmentation)
-                if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                        labelmap, outputSegmentation, segmentId,
-                        slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, list(extent)):
+                if not writeSegmentSlab(labelmap, outputSegmentation, segmentId,
+                                        None if request.slices is None else extent):
                     raise RuntimeError(f"Slicer did not accept the mask of segment '{item.name}'")
         finally:
             outputSegmentation.EndModify(wasModifying)
@@ -670,6 +669,35 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
             outputSegmentation = self.createOutputSegmentation(inputVolume)
         self.applyResult(result, request, inputVolume, outputSegmentation)
         return result
+
+
+def writeSegmentSlab(labelmap, segmentationNode, segmentId, extent=None):
+    """Make ``segmentId`` equal to ``labelmap`` (0/1) on the voxels of ``extent``; keep the segment elsewhere.
+
+    ``extent`` is in the IJK of ``labelmap``; None replaces the whole segment with the labelmap. Slicer's
+    MODE_REPLACE copies the labelmap, clipped to the extent, over the whole segment
+    (vtkSegmentationModifier::AppendLabelmapToSegment -> vtkOrientedImageDataResample::CopyImage), so it cannot
+    limit a change to a slab. The merge modes do: vtkOrientedImageDataResample::MergeImage only visits voxels in
+    the intersection of the extent and both images. As the Segment Editor's "set" does
+    (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap), clear the slab with MODE_MERGE_MIN of an all-zero
+    labelmap (minimumOfAllSegments off: only this segment's label is lowered, other segments sharing its layer
+    keep theirs), then fill the new voxels with MODE_MERGE_MASK (it moves the segment to its own layer first if
+    it would cover a segment sharing that layer, so no other segment is overwritten).
+    """
+    Logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if extent is None:
+        return Logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, Logic.MODE_REPLACE)
+    extent = [int(v) for v in extent]
+    clear = slicer.vtkOrientedImageData()
+    clear.SetExtent(*extent)
+    clear.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    clear.GetPointData().GetScalars().Fill(0)
+    m = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(m)
+    clear.SetImageToWorldMatrix(m)
+    if not Logic.SetBinaryLabelmapToSegment(clear, segmentationNode, segmentId, Logic.MODE_MERGE_MIN, extent):
+        return False
+    return Logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, Logic.MODE_MERGE_MASK, extent)
 
 
 def pipEnsureFunction():

@@ -135,11 +135,6 @@ def test_core_is_slicer_core(core):
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("scope", list(SCOPES))
 def test_module_writes_on_the_source_voxels_and_keeps_the_rest(core, scene, geometry, scope, request):
-    if scope != "volume":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "OPEN DEFECT found on the real core: applyResult writes a slab with SetBinaryLabelmapToSegment("
-            "MODE_REPLACE, extent), and vtkSegmentationModifier::AppendLabelmapToSegment copies the labelmap over "
-            "the segment, so voxels of the segment outside the slab are lost (the stand-in kept them)")))
     RCMedSlicer = core.RCMedSlicer
     logic = RCMedSlicer.RCMedSlicerLogic()
     volume = make_volume(core, **GEOMETRIES[geometry])
