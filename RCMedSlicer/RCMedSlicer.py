@@ -714,19 +714,30 @@ def pipEnsureFunction():
     return None
 
 
-def orientedImageFromArray(array, imageToWorld):
-    """A vtkOrientedImageData holding a (z, y, x) uint8 array, with the given IJK -> world matrix."""
+def orientedImageFromArray(array, imageToWorld, extentStart=None):
+    """A vtkOrientedImageData holding a (z, y, x) uint8 array; ``imageToWorld`` maps numpy index (0, 0, 0).
+
+    With ``extentStart`` (i, j, k) the image's extent starts there and its matrix is moved back by it, so
+    that the image has the very geometry (origin, extent) of an image whose extent starts at ``extentStart``,
+    as Slicer's Segment Editor expects of a modifier labelmap (vtkOrientedImageDataResample::DoGeometriesMatch
+    compares origins, not lattices).
+    """
     from vtk.util import numpy_support
 
     a = np.ascontiguousarray(array, dtype=np.uint8)
+    start = [0, 0, 0] if extentStart is None else [int(v) for v in extentStart]
+    matrix = np.asarray(imageToWorld, dtype=np.float64)
+    if any(start):
+        matrix = rgeom.extent_origin_matrix(matrix, [-start[0], 0, -start[1], 0, -start[2], 0])
     image = slicer.vtkOrientedImageData()
-    image.SetExtent(0, a.shape[2] - 1, 0, a.shape[1] - 1, 0, a.shape[0] - 1)
+    image.SetExtent(start[0], start[0] + a.shape[2] - 1, start[1], start[1] + a.shape[1] - 1,
+                    start[2], start[2] + a.shape[0] - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(a.shape)[:] = a
     m = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
-            m.SetElement(r, c, float(imageToWorld[r][c]))
+            m.SetElement(r, c, float(matrix[r][c]))
     image.SetImageToWorldMatrix(m)
     return image
 

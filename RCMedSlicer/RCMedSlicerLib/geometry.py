@@ -190,6 +190,12 @@ def slab_extent(shape_zyx: Sequence[int], array_axis: int | None = None,
     return tuple(ext)  # type: ignore[return-value]
 
 
+def shift_extent(extent: Sequence[int], start: Sequence[int]) -> tuple[int, int, int, int, int, int]:
+    """A VTK extent moved by ``start`` (i, j, k): from 0-based numpy indices to an image's own IJK."""
+    e = [int(v) for v in extent]
+    return tuple(e[n] + int(start[n // 2]) for n in range(6))  # type: ignore[return-value]
+
+
 def paste_extent(array: np.ndarray, array_extent: Sequence[int], target_extent: Sequence[int]) -> np.ndarray:
     """Re-grid a (z, y, x) array given on ``array_extent`` onto ``target_extent`` of the same lattice.
 

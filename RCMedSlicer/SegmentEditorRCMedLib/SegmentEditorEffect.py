@@ -221,7 +221,7 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
         try:
             if not segmentId:
                 raise ValueError("select the segment to write into")
-            array, ijkToWorld, ijkToSegmentation, _ = self._sourceGrid()
+            array, ijkToWorld, ijkToSegmentation, sourceExtent = self._sourceGrid()
             geometry = rgeom.geometry_from_ijk_to_ras(ijkToWorld)
             scope = self.scopeComboBox.itemData(self.scopeComboBox.currentIndex)
             axis, slices = "axial", None
@@ -235,7 +235,8 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
             return
         self.logic.saveSettings(self.logic.loadSettings().with_prompt(prompt))
         self._fillPromptChoices(prompt)
-        self._pending = ("segment", request, ijkToSegmentation, node.GetSegmentationNode(), segmentId)
+        self._pending = ("segment", request, ijkToSegmentation, node.GetSegmentationNode(), segmentId,
+                         sourceExtent)
         logic = self.logic
         job = jobs.Job(lambda progress, cancel: logic.run(request, spec, progress, cancel), name="RCMed effect")
         self.statusLabel.text = f"Segmenting {request.describe()}..."
@@ -273,7 +274,19 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
         finally:
             self._updateButtons()
 
-    def _writeResult(self, result, request, ijkToSegmentation, segmentationNode, segmentId):
+    def _writeResult(self, result, request, ijkToSegmentation, segmentationNode, segmentId, sourceExtent=None):
+        """Set the segment to the result on the processed voxels, through the Segment Editor (masking, overwrite).
+
+        ``sourceExtent``: the aligned source volume's extent when the request was made (None: it starts at 0).
+        The modifier is built on that very geometry, as Slicer's default modifier labelmap is.
+
+        Slicer's ModificationModeSet makes the segment equal to the modifier everywhere: it clears the whole
+        segment (MODE_MERGE_MIN without extent) and then fills the modifier within the extent
+        (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap). So for a slice or range, Set alone would erase
+        the segment outside the slab. The segment outside the slab is read first and added back after the Set
+        with MODE_MERGE_MASK (no editable area, no other segment overwritten: they only apply to what RCMed
+        changed); both changes are one undo step.
+        """
         node = self.scriptedEffect.parameterSetNode()
         if node.GetSegmentationNode() is not segmentationNode:
             self.statusLabel.text = "The segmentation changed while RCMed worked; nothing was written."
@@ -285,21 +298,59 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
         mask = np.zeros(result.labels.shape, dtype=np.uint8)
         for item in items:
             mask[item.mask] = 1
-        modifier = RCMedSlicer.orientedImageFromArray(mask, ijkToSegmentation)
         shape = result.labels.shape
-        extent = (rgeom.slab_extent(shape) if request.slices is None
-                  else rgeom.slab_extent(shape, request.slice_axis, *request.slices))
+        start = (0, 0, 0) if sourceExtent is None else tuple(int(v) for v in sourceExtent[0::2])
+        gridExtent = rgeom.shift_extent(rgeom.slab_extent(shape), start)
+        if request.slices is None:
+            extent = gridExtent
+        else:
+            extent = rgeom.shift_extent(rgeom.slab_extent(shape, request.slice_axis, *request.slices), start)
+        modifier = RCMedSlicer.orientedImageFromArray(mask, ijkToSegmentation, start)
         previous = node.GetSelectedSegmentID()
         if previous != segmentId:
             node.SetSelectedSegmentID(segmentId)
         try:
+            keep = None
+            if request.slices is not None:
+                try:
+                    keep = self._segmentOutside(extent, gridExtent, ijkToSegmentation, start)
+                except ValueError as exc:
+                    self.statusLabel.text = f"Nothing was written: {exc}"
+                    return
             self.scriptedEffect.saveStateForUndo()
             self.scriptedEffect.modifySelectedSegmentByLabelmap(
                 modifier, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet, list(extent))
+            if keep is not None:
+                # not through the editor: its intensity mask applies even with bypassMasking
+                # (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap), and these voxels must come back as they were
+                Logic = slicer.vtkSlicerSegmentationsModuleLogic
+                if not Logic.SetBinaryLabelmapToSegment(keep, segmentationNode, segmentId, Logic.MODE_MERGE_MASK,
+                                                        list(gridExtent)):
+                    raise RuntimeError("Slicer did not accept the segment outside the processed slices")
         finally:
             if previous != segmentId:
                 node.SetSelectedSegmentID(previous)
         self.statusLabel.text = f"{segmenting.readable_answer(result.answer)}\n{segmenting.presence_text(items)}"
+
+    def _segmentOutside(self, slabExtent, gridExtent, ijkToSegmentation, start):
+        """The selected segment on the source grid with the slab cleared (a modifier labelmap), or None if empty."""
+        segmentImage = self.scriptedEffect.selectedSegmentLabelmap()
+        if segmentImage is None or segmentImage.GetPointData().GetScalars() is None:
+            return None
+        segmentMatrix, gridMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        segmentImage.GetImageToWorldMatrix(segmentMatrix)
+        grid = RCMedSlicer.orientedImageFromArray(np.zeros((1, 1, 1), np.uint8), ijkToSegmentation, start)
+        grid.GetImageToWorldMatrix(gridMatrix)
+        if not rgeom.same_lattice(segmentMatrix, gridMatrix):
+            raise ValueError("the segment's geometry differs from the source volume's; "
+                             "set the segmentation geometry from the source volume")
+        keep = rgeom.paste_extent(RCMedSlicer.arrayFromOrientedImage(segmentImage), segmentImage.GetExtent(),
+                                  gridExtent) > 0
+        i0, i1, j0, j1, k0, k1 = (int(v) - int(gridExtent[2 * (n // 2)]) for n, v in enumerate(slabExtent))
+        keep[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = False
+        if not keep.any():
+            return None
+        return RCMedSlicer.orientedImageFromArray(keep.astype(np.uint8), ijkToSegmentation, start)
 
     # -- Learn from this slice (one-shot adaptation)
     def onLearn(self):

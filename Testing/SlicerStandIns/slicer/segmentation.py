@@ -387,8 +387,9 @@ class vtkSlicerSegmentationsModuleLogic(vtk.vtkObject):
     def SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, mergeMode=0, extent=None) -> bool:
         """Write ``labelmap`` (in the segmentation's coordinates) into a segment.
 
-        With ``extent`` (IJK of ``labelmap``), only that part of the labelmap is used: voxels of the segment
-        outside it are left as they are.
+        With ``extent`` (IJK of ``labelmap``), only that part of the labelmap is used. The merge modes leave the
+        segment outside it as it is; MODE_REPLACE, as in Slicer, does not (the segment becomes the clipped
+        labelmap).
         """
         seg = segmentationNode.GetSegmentation()
         segment = seg.GetSegment(segmentId)
@@ -412,13 +413,16 @@ class vtkSlicerSegmentationsModuleLogic(vtk.vtkObject):
         region = region.astype(bool) & inside
         current = seg.maskOf(segmentId).copy()
         if mergeMode == vtkSlicerSegmentationsModuleLogic.MODE_REPLACE:
-            current[region] = values[region]
+            # as Slicer (vtkOrientedImageDataResample::CopyImage padded to the extent): the labelmap clipped to
+            # the extent becomes the whole segment; nothing of the segment outside the extent is kept
+            current = np.where(region, values, 0)
         elif mergeMode == vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX:
             current[region] = np.maximum(current[region], values[region])
         elif mergeMode == vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MIN:
             current[region] = np.minimum(current[region], values[region])
         elif mergeMode == vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MASK:
-            current[region & (values == 0)] = 0
+            # as Slicer's OPERATION_MASKING: the segment's label where the labelmap is non-zero, nothing cleared
+            current[region & (values != 0)] = 1
         else:
             raise ValueError(f"unknown merge mode {mergeMode}")
         segment._mask = current.astype(np.uint8)

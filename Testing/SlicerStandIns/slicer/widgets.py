@@ -443,8 +443,8 @@ class qSlicerSegmentEditorScriptedEffect(PythonQtMixin, qSlicerSegmentEditorAbst
                                           extent_matrix(modifierLabelmap.imageToWorld(), modifierLabelmap.GetExtent()),
                                           seg.referenceShape(), seg.referenceIndexToWorld())
         new = values.astype(bool) & inside
-        area = np.ones(seg.referenceShape(), bool) if bypassMasking else self._editableArea(seg, selected)
-        area &= inside  # voxels outside the modifier's extent are not modified
+        editable = np.ones(seg.referenceShape(), bool) if bypassMasking else self._editableArea(seg, selected)
+        region = inside.copy()  # voxels outside the modifier's extent are not modified
         if modificationExtent is not None:  # only voxels inside the extent (IJK of the modifier) change
             e = [int(v) for v in modificationExtent]
             ext = modifierLabelmap.GetExtent()
@@ -453,22 +453,29 @@ class qSlicerSegmentEditorScriptedEffect(PythonQtMixin, qSlicerSegmentEditorAbst
             hi = [min(e[2 * d + 1], ext[2 * d + 1]) - ext[2 * d] for d in range(3)]
             if all(lo[d] <= hi[d] for d in range(3)):
                 indicator[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = 1
-            region, _ = resample_nearest(indicator, extent_matrix(modifierLabelmap.imageToWorld(), ext),
-                                         seg.referenceShape(), seg.referenceIndexToWorld())
-            area &= region.astype(bool)
+            inExtent, _ = resample_nearest(indicator, extent_matrix(modifierLabelmap.imageToWorld(), ext),
+                                           seg.referenceShape(), seg.referenceIndexToWorld())
+            region &= inExtent.astype(bool)
+        area = editable & region
         A = qSlicerSegmentEditorAbstractEffect
         current = seg.maskOf(selected).astype(bool).copy()
         if modificationMode == A.ModificationModeSet:
-            current[area] = new[area]
+            # As vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap: the segment's voxels outside the editable
+            # area join the modifier, the whole segment is cleared (no extent), then the modifier is written
+            # within the extent; so with an extent, Set empties the segment outside it.
+            modifier = (new & editable) | (current & ~editable)
+            current = modifier & region
+            added = current
         elif modificationMode == A.ModificationModeAdd:
-            current |= new & area
+            added = new & area
+            current |= added
         elif modificationMode in (A.ModificationModeRemove, A.ModificationModeRemoveAll):
+            added = None
             current &= ~(new & area)
         else:
             raise ValueError(f"stand-in: unknown modification mode {modificationMode}")
         seg.GetSegment(selected)._mask = current.astype(np.uint8)
-        # "Modify other segments": voxels now in the selected segment leave the others (unless overlap is allowed)
-        added = current & area if modificationMode in (A.ModificationModeSet, A.ModificationModeAdd) else None
+        # "Modify other segments": the others are erased under the (masked) modifier, within the extent
         display = self._segmentationNode().GetDisplayNode()
         for sid in seg.GetSegmentIDs():
             if sid == selected:
@@ -477,7 +484,7 @@ class qSlicerSegmentEditorScriptedEffect(PythonQtMixin, qSlicerSegmentEditorAbst
             if modificationMode == A.ModificationModeRemoveAll:
                 other._mask = (seg.maskOf(sid).astype(bool) & ~(new & area)).astype(np.uint8)
                 continue
-            if added is None or node.GetOverwriteMode() == vtkMRMLSegmentEditorNode.OverwriteNone:
+            if added is None or bypassMasking or node.GetOverwriteMode() == vtkMRMLSegmentEditorNode.OverwriteNone:
                 continue
             if (node.GetOverwriteMode() == vtkMRMLSegmentEditorNode.OverwriteVisibleSegments
                     and display is not None and not display.GetSegmentVisibility(sid)):
