@@ -55,12 +55,20 @@ OBLIQUE = rotation("z", 0.5) @ rotation("x", 0.3)
 FLIPPED = np.diag([-1.0, 1.0, -1.0]) @ rotation("y", 0.2)
 PARENT = np.array([[0.9, -0.3, 0.1, 12.0], [0.3, 0.95, 0.0, -7.0], [-0.1, 0.05, 1.0, 3.0], [0, 0, 0, 1]])
 
+# "cropped-extent": the volume's image extent starts at (3, 2, 5), as after cropping. Until this commit the
+# fixture filled it with slicer.util.updateVolumeFromArray, which resets the extent to start at 0, so it was
+# never tested. With a real non-zero start the module's whole-volume write, the effect's source grid and Learn
+# disagree with Slicer's own read-back (see CROPPED_OPEN).
+CROPPED_OPEN = pytest.mark.xfail(strict=True, reason=(
+    "OPEN: volume image extent not starting at 0 (cropped volume): the voxels RCMed writes / reads are shifted "
+    "or the aligned source grid differs from arrayFromVolume; not diagnosed"))
+
 GEOMETRIES = {
     "axis-aligned": dict(),
     "cropped-extent": dict(start=(3, 2, 5)),
     "parent-transform": dict(parent=PARENT),
     "oblique": dict(directions=OBLIQUE),
-    "flipped": dict(directions=FLIPPED, start=(1, 0, 2)),
+    "flipped": dict(directions=FLIPPED),  # had start=(1, 0, 2), never applied (see above): cropped-extent has it
 }
 
 
@@ -81,12 +89,15 @@ def add_volume(core, array, directions=np.eye(3), spacing=(0.9, 0.8, 2.0), origi
     image = vtk.vtkImageData()
     image.SetExtent(start[0], start[0] + i - 1, start[1], start[1] + j - 1, start[2], start[2] + k - 1)
     image.AllocateScalars(vtk.VTK_SHORT, 1)
+    # filled in place: slicer.util.updateVolumeFromArray would reset the extent to start at 0
+    from vtk.util import numpy_support
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array.shape)[:] = array
     node.SetAndObserveImageData(image)
     node.SetSpacing(*spacing)
     node.SetOrigin(*origin)
     node.SetIJKToRASDirectionMatrix(vtk_matrix(np.block([[np.asarray(directions), np.zeros((3, 1))],
                                                          [np.zeros((1, 3)), np.ones((1, 1))]])))
-    slicer.util.updateVolumeFromArray(node, array.astype(np.int16))
+    assert tuple(node.GetImageData().GetExtent()[0::2]) == tuple(start)
     if parent is not None:
         t = core.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "parent")
         t.SetMatrixTransformToParent(vtk_matrix(parent))
@@ -134,7 +145,9 @@ def test_core_is_slicer_core(core):
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("scope", list(SCOPES))
-def test_module_writes_on_the_source_voxels_and_keeps_the_rest(core, scene, geometry, scope):
+def test_module_writes_on_the_source_voxels_and_keeps_the_rest(core, scene, geometry, scope, request):
+    if geometry == "cropped-extent":
+        request.applymarker(CROPPED_OPEN)
     RCMedSlicer = core.RCMedSlicer
     logic = RCMedSlicer.RCMedSlicerLogic()
     volume = make_volume(core, **GEOMETRIES[geometry])
@@ -249,7 +262,9 @@ MASKINGS = {
 @pytest.mark.parametrize("masking", list(MASKINGS))
 @pytest.mark.parametrize("scope", list(SCOPES))
 @pytest.mark.parametrize("geometry", ["axis-aligned", "cropped-extent", "oblique"])
-def test_effect_apply_obeys_editor_masking_and_undo(core, scene, geometry, scope, masking):
+def test_effect_apply_obeys_editor_masking_and_undo(core, scene, geometry, scope, masking, request):
+    if geometry == "cropped-extent":
+        request.applymarker(CROPPED_OPEN)
     s = effect_setup(core, geometry)
     cfg = MASKINGS[masking]
     E = core.slicer.vtkMRMLSegmentEditorNode
@@ -293,6 +308,7 @@ def test_effect_apply_obeys_editor_masking_and_undo(core, scene, geometry, scope
         np.testing.assert_array_equal(segment_array(core, s.segmentation, s.ids[n], s.volume), b)
 
 
+@CROPPED_OPEN
 def test_learn_reads_the_selected_segment_on_the_source_lattice(core, scene):
     s = effect_setup(core, "cropped-extent")
     image = s.adaptor.selectedSegmentLabelmap()
