@@ -34,8 +34,9 @@ train-lite: $(STAMP)
 	$(PY) -m rcmed_training.cli fit-decoder configs/lite_decoder.yaml
 	cp runs/lite_decoder/final/config.json runs/lite_decoder/final/model.safetensors rcmed_engine/weights/lite/
 
-# Experimental: the lite parts from synthetic brains (configs/lite_synth.yaml; about 80 min on 2 CPU cores).
-# Its first run does not beat the shipped weights yet (docs/training.md); the result lands in runs/lite_synth/final.
+# Experimental: the lite parts from synthetic brains (configs/lite_synth.yaml, 40 min, then
+# configs/lite_synth_decoder.yaml, ~40 min, on 2 CPU cores). Its runs do not beat the shipped weights yet
+# (docs/training.md); the result lands in runs/lite_synth_decoder/final.
 train-lite-synth: $(STAMP)
 	$(PY) -m rcmed_training.cli prepare-builtin data/builtin --only nuclei --only atlases
 	$(PY) -m rcmed_training.init_lite runs/lite/init
