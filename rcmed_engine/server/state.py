@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from fastapi import Request
@@ -15,6 +14,7 @@ from .errors import ApiError, one_line
 from .glue import accepts
 from .image_cache import ImageCache
 from .jobs import Job, JobTable
+from .model_thread import INTERACTIVE, ModelThread
 from .memory import bound_problem, describe_bound, engine_cache_bytes, machine_memory_bytes, memory_bound, rss_bytes
 from .pools import Pool
 from .settings import ServerSettings
@@ -41,15 +41,15 @@ class ServerState:
         self.model_pool = Pool("model", 1, settings.max_waiting, "requests on the model")
         self.peak_rss = rss_bytes()
         self.bound = self.memory_bound()
-        # One worker: the model never runs two things at once, and work runs in the order it came.
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcmed-model")
+        # One thread: the model never runs two things at once; waiting clients go ahead of queued jobs.
+        self.gpu = ModelThread("rcmed-model")
         self.on_load_error: Callable[[str], None] | None = None
 
     # -- model
     def start(self) -> None:
         self.jobs.loop = asyncio.get_running_loop()
         if self.engine is None:
-            self.gpu.submit(self._load)
+            self.gpu.submit(self._load, priority=INTERACTIVE)
 
     def memory_bound(self) -> dict[str, Any]:
         """The peak this server can reach under its settings, with the process as it stands now."""
@@ -90,9 +90,9 @@ class ServerState:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     async def on_model(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread, after everything queued before it (503 when too many wait)."""
+        """Run ``fn`` on the model thread, ahead of queued jobs (503 when too many wait)."""
         async with self.model_pool.slot():
-            return await asyncio.get_running_loop().run_in_executor(self.gpu, fn)
+            return await asyncio.wrap_future(self.gpu.submit(fn, priority=INTERACTIVE))
 
     # -- images
     def image(self, image_id: str) -> Volume:
