@@ -546,9 +546,22 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
         volumeNode.GetIJKToRASMatrix(m)
         return rgeom.world_ijk_to_ras(m, self.nodeToWorld(volumeNode))
 
+    @staticmethod
+    def volumeExtent(volumeNode):
+        """The image extent of a volume; it need not start at 0 (e.g. a volume cropped to a region)."""
+        return tuple(int(v) for v in volumeNode.GetImageData().GetExtent())
+
+    def volumeArrayToWorld(self, volumeNode):
+        """numpy index (0, 0, 0) of ``slicer.util.arrayFromVolume`` -> world RAS.
+
+        arrayFromVolume holds the voxels of the image extent, so its first voxel is IJK (extent[0], extent[2],
+        extent[4]), while IJKToRAS maps IJK of the whole index space: the extent start is folded in.
+        """
+        return rgeom.extent_origin_matrix(self.volumeIjkToWorld(volumeNode), self.volumeExtent(volumeNode))
+
     def sliceCount(self, volumeNode, axis):
         array_shape = slicer.util.arrayFromVolume(volumeNode).shape
-        geometry = rgeom.geometry_from_ijk_to_ras(self.volumeIjkToWorld(volumeNode))
+        geometry = rgeom.geometry_from_ijk_to_ras(self.volumeArrayToWorld(volumeNode))
         return array_shape[rgeom.slice_axis(geometry, array_shape, axis)]
 
     @staticmethod
@@ -574,7 +587,7 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
         array = np.array(slicer.util.arrayFromVolume(inputVolume), copy=True)
         if array.ndim != 3:
             raise ValueError("the input must be a scalar volume (one value per voxel)")
-        ijkToWorld = self.volumeIjkToWorld(inputVolume)
+        ijkToWorld = self.volumeArrayToWorld(inputVolume)
         geometry = rgeom.geometry_from_ijk_to_ras(ijkToWorld)
         scope = Scope(scope) if not isinstance(scope, Scope) else scope
         slices = None
@@ -618,11 +631,15 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
         inputVolume.GetIJKToRASMatrix(ijkToRas)
         ijkToSegmentation = rgeom.ijk_to_segmentation(ijkToRas, self.nodeToWorld(inputVolume),
                                                       self.nodeToWorld(outputSegmentation))
+        # the mask is on arrayFromVolume's voxels: its (0, 0, 0) is IJK of the image extent's start
+        volumeExtent = self.volumeExtent(inputVolume)
+        start = volumeExtent[0::2]
+        arrayToSegmentation = rgeom.extent_origin_matrix(ijkToSegmentation, volumeExtent)
         shape = request.volume.array.shape[:3]
         if request.slices is None:
-            extent = rgeom.slab_extent(shape)
+            extent = rgeom.shift_extent(rgeom.slab_extent(shape), start)
         else:
-            extent = rgeom.slab_extent(shape, request.slice_axis, *request.slices)
+            extent = rgeom.shift_extent(rgeom.slab_extent(shape, request.slice_axis, *request.slices), start)
         segmentation = outputSegmentation.GetSegmentation()
         wasModifying = outputSegmentation.StartModify()
         try:
@@ -632,7 +649,7 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
                     segmentId = segmentation.AddEmptySegment("", item.name, list(self.segmentColor(item)))
                 segment = segmentation.GetSegment(segmentId)
                 self.describeSegment(segment, item)
-                labelmap = orientedImageFromArray(item.mask.astype(np.uint8), ijkToSegmentation)
+                labelmap = orientedImageFromArray(item.mask.astype(np.uint8), arrayToSegmentation, start)
                 if not writeSegmentSlab(labelmap, outputSegmentation, segmentId,
                                         None if request.slices is None else extent):
                     raise RuntimeError(f"Slicer did not accept the mask of segment '{item.name}'")
