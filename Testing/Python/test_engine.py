@@ -25,6 +25,7 @@ from rcmed_engine.results import as_volume
 from rcmed_engine.model.checkpoint import WEIGHTS_NAME, file_sha256, save_checkpoint
 from rcmed_engine.model.presets import load_preset
 from rcmed_engine.model.rcmed import ImageFeatures, PrefixState, RCMed, SliceOutput
+from rotations import rotation
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -39,11 +40,6 @@ def _one_thread():
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def rotation(axis, angle: float) -> np.ndarray:
-    a = np.asarray(axis, dtype=float)
-    a = a / np.linalg.norm(a)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
 
 
 # Oblique (~25 degrees) and left-handed, so the anatomical cut needs transposes and flips.

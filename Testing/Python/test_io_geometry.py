@@ -36,6 +36,7 @@ from rcmed_engine.io import (
     read_labelmap,
     write_labelmap,
 )
+from rotations import rotation
 
 EXACT_FORMATS = (".seg.nrrd", ".nrrd", ".mha")
 FLOAT32_FORMATS = (".nii.gz", ".nii")
@@ -43,12 +44,6 @@ FLOAT32_FORMATS = (".nii.gz", ".nii")
 
 # ------------------------------------------------------------------ helpers
 
-def rotation(axis, angle: float) -> np.ndarray:
-    """Rodrigues rotation matrix."""
-    a = np.asarray(axis, dtype=float)
-    a = a / np.linalg.norm(a)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
 
 
 OBLIQUE = rotation([0.3, -0.5, 0.8], 0.7)

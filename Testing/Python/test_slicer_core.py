@@ -25,6 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "Testing" / "SlicerCoreGlue"))
 import rcmed_slicer_core as glue  # noqa: E402
+from rotations import rotation  # noqa: E402
 
 vtk = pytest.importorskip("vtk")
 
@@ -43,12 +44,6 @@ def scene(core):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def rotation(axis, angle):
-    c, s = math.cos(angle), math.sin(angle)
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 OBLIQUE = rotation("z", 0.5) @ rotation("x", 0.3)

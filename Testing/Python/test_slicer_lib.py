@@ -24,6 +24,7 @@ from RCMedSlicerLib import batch, dependencies, engines, jobs, segmenting, setti
 from RCMedSlicerLib import geometry as rg  # noqa: E402
 from rcmed_engine.geometry import Geometry, from_slices, slice_frame, to_slices  # noqa: E402
 from rcmed_engine.io import SegmentInfo  # noqa: E402
+from rotations import rotation  # noqa: E402
 
 
 def test_lib_never_imports_slicer_qt_vtk_or_torch():
@@ -40,12 +41,6 @@ def test_lib_never_imports_slicer_qt_vtk_or_torch():
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def rotation(axis: str, angle: float) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 def ijk_to_ras(directions: np.ndarray, spacing, origin) -> np.ndarray:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from rotations import rotation
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDINS = ROOT / "Testing" / "SlicerStandIns"
@@ -103,12 +104,6 @@ def wait_until(env, predicate, timeout=30.0):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def rotation(axis, angle):
-    c, s = math.cos(angle), math.sin(angle)
-    i, j = {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 OBLIQUE_FLIPPED = rotation("z", 0.45) @ rotation("x", 0.25) @ np.diag([1.0, -1.0, -1.0])
