@@ -29,6 +29,7 @@ from .vocabulary import resolve_targets
 from .results import Cancelled, CancelToken, EngineError, SegmentResult, as_volume  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
+    from .clicks import Box, Click
     from .otfa import ClassRegistry, OTFAConfig
 
 ProgressCallback = Callable[[int, int], None]
@@ -367,6 +368,24 @@ class Engine:
                     timings={**timings, "total_s": total, "slices": float(hi - lo)},
                     provenance=self.provenance(prompt), notes=resolved[p][1]))
             return results
+
+    def refine(self, image: Volume | np.ndarray, prompt: str, clicks: "Sequence[Click | str]", *,
+               boxes: "Sequence[Box | str] | None" = None, previous: "SegmentResult | Volume | np.ndarray | None" = None,
+               propagate: bool = True, modality: str | None = None, axis: str = "axial",
+               slices: tuple[int | None, int | None] | None = None, progress: ProgressCallback | None = None,
+               cancel: CancelToken | None = None, rgb: bool | None = None, text: bool = True) -> SegmentResult:
+        """Correct what ``prompt`` gave with include/exclude clicks and boxes (RAS mm; see rcmed_engine.clicks).
+
+        ``previous``: the result to correct (a SegmentResult, or a label map on the image's grid); without it
+        the text segments ``slices`` first. Each click edits its own slice (refine.correct_slice); with
+        ``propagate`` the corrected slices are carried to their neighbours, both ways, until the target ends,
+        within ``slices``. Returns one label map, as ``segment`` does, whose provenance records the clicks.
+        ``text=False`` ignores the words (clicks alone, as SAM users work; for comparison)."""
+        from .refine_volume import refine
+
+        return refine(self, image, prompt, clicks, boxes=boxes, previous=previous, propagate=propagate,
+                      modality=modality, axis=axis, slices=slices, progress=progress, cancel=cancel, rgb=rgb,
+                      text=text)
 
     @staticmethod
     def _check_range(slices: tuple[int | None, int | None] | None, n: int) -> tuple[int, int]:

@@ -25,7 +25,7 @@ def _prompt_encoder_fp32(model):
     return cached[1]
 
 
-def _decode(model, embedding: torch.Tensor, *, boxes: torch.Tensor | None = None,
+def decode_prompts(model, embedding: torch.Tensor, *, boxes: torch.Tensor | None = None,
             points: tuple[torch.Tensor, torch.Tensor] | None = None, mask_input: torch.Tensor | None = None,
             text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's prompt encoder and the mask decoder for K prompts on one image embedding (1, C, E, E).
@@ -50,6 +50,9 @@ def _decode(model, embedding: torch.Tensor, *, boxes: torch.Tensor | None = None
         dense_prompt_embeddings=dense.to(dtype),
     )
     return masks.float(), iou.float()
+
+
+_decode = decode_prompts  # the name OTFA's modules import
 
 
 @dataclass
