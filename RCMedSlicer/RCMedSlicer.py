@@ -10,6 +10,7 @@ Everything that can run without Slicer is in RCMedSlicerLib (tested under plain 
 """
 
 import enum
+import importlib
 import logging
 import os
 import unittest
@@ -482,49 +483,29 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
 
     def missingRequirements(self, spec):
         """(needs PyTorch, missing pip requirements, missing --no-deps requirements) for an engine spec."""
+        plan = self.installPlan(spec)
+        return plan.torch, plan.pip, plan.no_deps
+
+    def installPlan(self, spec):
+        """What the engine of ``spec`` still needs in Slicer's Python (RCMedSlicerLib.dependencies.InstallPlan)."""
+        importlib.invalidate_caches()  # see what a pip run in this session installed
         profile = "remote" if spec.mode == engines.REMOTE else "local"
         reqs = dependencies.read_requirements(dependencies.requirements_file(self.resourcePath(""), profile))
         needTorch = dependencies.needs_torch(profile) and not engines.local_engine_importable()
         noDeps = []
         if profile == "local" and spec.normalized().preset == "lite" and not spec.normalized().weights:
             noDeps = dependencies.missing(dependencies.read_requirements(self.resourcePath("requirements-local-nodeps.txt")))
-        return needTorch, dependencies.missing(reqs), noDeps
+        return dependencies.InstallPlan(torch=needTorch, pip=dependencies.missing(reqs), no_deps=noDeps)
 
     def ensureRequirements(self, spec, askConsent=True):
-        """Install what the engine needs into Slicer's Python, after asking. False if the user declines.
-
-        PyTorch comes through the PyTorch extension (PyTorchUtils), as other AI extensions do; the other
-        packages through ``slicer.pydeps.pip_ensure`` (or ``slicer.packaging.pip_ensure``) where this Slicer
-        has it, else ``slicer.util.pip_install``.
-        """
-        needTorch, missing, noDeps = self.missingRequirements(spec)
-        if not (needTorch or missing or noDeps):
-            return True
-        what = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + missing + noDeps
-        if askConsent and not slicer.util.confirmOkCancelDisplay(
-                "RCMed needs these Python packages in Slicer's Python:\n\n  " + "\n  ".join(what)
-                + "\n\nInstall them now? This needs a network connection and can take several minutes.",
-                "RCMed: install Python packages"):
+        """Install what the engine needs into Slicer's Python, after asking. False if the user declines (or
+        Slicer runs in testing mode, where nothing is installed). The policy is RCMedSlicerLib.dependencies.install."""
+        try:
+            dependencies.install(self.installPlan(spec), SlicerPackagingAdaptor(), ask=askConsent,
+                                 recheck=lambda: self.installPlan(spec))
+        except dependencies.InstallDeclined as exc:
+            logging.info("RCMed: %s", exc)
             return False
-        if needTorch:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError("a local RCMed engine needs the PyTorch extension: install 'PyTorch' from the "
-                                   "Extensions Manager and restart Slicer, or choose a remote engine") from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=dependencies.MIN_TORCH) is None:
-                    raise RuntimeError("PyTorch was not installed; RCMed cannot run locally")
-        if missing:
-            ensure = pipEnsureFunction()
-            if ensure is not None:
-                from packaging.requirements import Requirement
-                ensure([Requirement(r) for r in missing], prompt_install=False, requester="RCMed")
-            else:
-                slicer.util.pip_install(list(missing))
-        if noDeps:
-            slicer.util.pip_install(["--no-deps", *noDeps])
         return True
 
     # -- geometry
@@ -717,18 +698,40 @@ def writeSegmentSlab(labelmap, segmentationNode, segmentId, extent=None):
     return Logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, Logic.MODE_MERGE_MASK, extent)
 
 
-def pipEnsureFunction():
-    """Slicer's ``pip_ensure`` where this Slicer has one (slicer.pydeps, or slicer.packaging), else None."""
-    import importlib
-    for name in ("slicer.pydeps", "slicer.packaging"):
+class SlicerPackagingAdaptor:
+    """RCMedSlicerLib.dependencies.SlicerPackaging on the running Slicer (checked against Slicer's and SlicerPyTorch's
+    source in docs/slicer-api.md)."""
+
+    def testing(self):
+        return bool(slicer.app.testingEnabled())
+
+    def confirm(self, text, title):
+        return bool(slicer.util.confirmOkCancelDisplay(text, title))
+
+    def torch_logic(self):
         try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        ensure = getattr(module, "pip_ensure", None)
-        if callable(ensure):
-            return ensure
-    return None
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise dependencies.PyTorchExtensionMissing(
+                "a local RCMed engine needs the PyTorch extension: install 'PyTorch' from the Extensions Manager "
+                "and restart Slicer, or choose a remote engine") from None
+        return PyTorchUtils.PyTorchUtilsLogic()
+
+    def pip_ensure(self):
+        return pipEnsureFunction()
+
+    def pip_install(self, args):
+        slicer.util.pip_install(list(args))
+
+
+def pipEnsureFunction():
+    """``slicer.packaging.pip_ensure`` (Slicer 5.12 and later), else None (then slicer.util.pip_install is used)."""
+    try:
+        import slicer.packaging
+    except ImportError:
+        return None
+    ensure = getattr(slicer.packaging, "pip_ensure", None)
+    return ensure if callable(ensure) else None
 
 
 def orientedImageFromArray(array, imageToWorld, extentStart=None):
