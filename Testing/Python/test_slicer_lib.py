@@ -821,3 +821,16 @@ def test_self_test_data_file_matches_its_definition():
     array, ijk_to_ras = oblique_test_volume()
     np.testing.assert_array_equal(volume.array, array)
     np.testing.assert_allclose(volume.geometry.ijk_to_ras_matrix(), ijk_to_ras, atol=1e-9)
+
+
+def test_same_voxels_in_ras_ignores_axis_order_but_not_position():
+    from RCMedSlicerLib.testdata import oblique_test_volume, same_voxels_in_ras
+
+    array, m = oblique_test_volume()
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, array.shape[0] - 1  # K reversed, as Slicer stores this file
+    assert same_voxels_in_ras(array[::-1], m @ flip, array, m)
+    assert not same_voxels_in_ras(array[::-1], m, array, m)  # same matrix, reversed voxels: misplaced
+    shifted = m.copy()
+    shifted[:3, 3] += 0.5
+    assert not same_voxels_in_ras(array, shifted, array, m)

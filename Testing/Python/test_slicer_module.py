@@ -795,4 +795,8 @@ def test_headless_batch(env, scene, tiny, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- Slicer self-test
 def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
     use_engine(env, tiny)
+    env.slicer.util.displayLog.clear()
     env.slicer.selfTests["RCMedSlicer"]()
+    shown = [text for kind, text in env.slicer.util.displayLog if kind == "delay"]
+    assert not [t for t in shown if "skipped" in t], shown
+    assert [t.split(".")[0] for t in shown if ". passed" in t] == ["1", "2", "3", "4", "5"], shown
