@@ -245,8 +245,52 @@ ADAPTOR_SIGNATURES = {
 
 
 def test_adaptor_signatures_follow_slicer_source():
+    import slicer_api_table as T
+
+    assert ADAPTOR_SIGNATURES == T.EFFECT_ADAPTOR
     for name, params in ADAPTOR_SIGNATURES.items():
         assert signature_names(getattr(glue.CoreScriptedEffect, name)) == params, name
+
+
+def test_signature_table_matches_slicer_cores_own_util(core):
+    """The table the stand-ins are held to agrees with Slicer's util.py as slicer-core ships it."""
+    import slicer_api_table as T
+
+    assert T.mismatches(core.slicer.util, T.SLICER_UTIL) == {}
+
+
+# Every MRML / logic method the module, effect and batch script call (docs/slicer-api.md), on the real classes.
+CORE_CALLS = {
+    "vtkMRMLScene": ["AddNewNodeByClass", "GetFirstNodeByClass", "GetNodeByID", "Clear", "StartCloseEvent",
+                     "EndCloseEvent"],
+    "vtkMRMLScalarVolumeNode": ["GetIJKToRASMatrix", "GetImageData", "GetTransformNodeID", "GetParentTransformNode",
+                                "GetName", "GetID", "GetScene", "SetIJKToRASMatrix", "CreateDefaultDisplayNodes"],
+    "vtkMRMLLinearTransformNode": ["IsTransformToWorldLinear", "GetMatrixTransformToWorld"],
+    "vtkMRMLSliceNode": ["GetSliceToRAS", "GetOrientation", "JumpSliceByCentering", "SetOrientation"],
+    "vtkMRMLSegmentationNode": ["GetReferenceImageGeometryReferenceRole",
+                                "SetReferenceImageGeometryParameterFromVolumeNode", "CreateDefaultDisplayNodes",
+                                "SetAndObserveTransformNodeID", "GetSegmentation", "StartModify", "EndModify",
+                                "SetNodeReferenceID", "GetNodeReference", "SetName"],
+    "vtkSegmentation": ["GetSegmentIdBySegmentName", "AddEmptySegment", "GetSegment", "GetNumberOfSegments"],
+    "vtkSegment": ["SetColor", "SetTag", "GetTerminologyEntryTagName"],
+    "vtkSlicerSegmentationsModuleLogic": ["SetBinaryLabelmapToSegment", "MODE_REPLACE", "MODE_MERGE_MIN",
+                                          "MODE_MERGE_MASK"],
+    "vtkOrientedImageData": ["SetImageToWorldMatrix", "GetImageToWorldMatrix", "SetExtent", "AllocateScalars",
+                             "GetExtent"],
+    "vtkMRMLSegmentEditorNode": ["GetSegmentationNode", "GetSelectedSegmentID", "SetSelectedSegmentID"],
+    "vtkSlicerTerminologiesModuleLogic": ["DeserializeTerminologyEntry", "SerializeTerminologyEntry",
+                                          "GetNumberOfTypesInTerminologyCategory", "GetNthTypeInTerminologyCategory",
+                                          "GetNumberOfTypeModifiersInTerminologyType",
+                                          "GetNthTypeModifierInTerminologyType"],
+    "vtkSlicerTerminologyEntry": ["GetTerminologyContextName", "GetCategoryObject", "GetTypeObject",
+                                  "GetTypeModifierObject"],
+    "vtkSlicerTerminologyType": ["GetRecommendedDisplayRGBValue", "GetCodeValue"],
+}
+
+
+def test_every_mrml_call_exists_on_slicer_core(core):
+    missing = {cls: [m for m in names if not hasattr(getattr(core.slicer, cls), m)] for cls, names in CORE_CALLS.items()}
+    assert {cls: m for cls, m in missing.items() if m} == {}
 
 
 def test_modification_modes_match_the_real_logic(core):

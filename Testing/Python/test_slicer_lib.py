@@ -834,3 +834,10 @@ def test_same_voxels_in_ras_ignores_axis_order_but_not_position():
     shifted = m.copy()
     shifted[:3, 3] += 0.5
     assert not same_voxels_in_ras(array, shifted, array, m)
+
+
+def test_fake_pytorch_utils_follows_slicer_pytorch_source():
+    import slicer_api_table as T
+
+    logic = FakeSlicerPackaging().torch_logic()
+    assert T.mismatches(logic, T.PYTORCH_UTILS_LOGIC) == {}

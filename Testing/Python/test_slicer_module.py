@@ -800,3 +800,18 @@ def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
     shown = [text for kind, text in env.slicer.util.displayLog if kind == "delay"]
     assert not [t for t in shown if "skipped" in t], shown
     assert [t.split(".")[0] for t in shown if ". passed" in t] == ["1", "2", "3", "4", "5"], shown
+
+
+# ------------------------------------------------------------------------------ stand-ins against Slicer's source
+def test_stand_in_signatures_follow_slicer_source(env):
+    """Each stand-in function the extension calls has the parameters Slicer's source gives it (slicer_api_table)."""
+    import slicer_api_table as T
+
+    assert T.mismatches(env.slicer.util, T.SLICER_UTIL) == {}
+    assert T.mismatches(env.slicer.packaging, T.SLICER_PACKAGING) == {}
+    assert T.mismatches(env.slicer.ScriptedLoadableModule, T.SCRIPTED_LOADABLE_MODULE) == {}
+    adaptor = env.slicer.qSlicerSegmentEditorScriptedEffect
+    # the stand-in adaptor takes the C++ overloads of modifySelectedSegmentByLabelmap as *args
+    table = {k: v for k, v in T.EFFECT_ADAPTOR.items() if k != "modifySelectedSegmentByLabelmap"}
+    assert T.mismatches(adaptor, table) == {}
+    assert not hasattr(env.slicer, "pydeps")  # no Slicer release has slicer.pydeps
