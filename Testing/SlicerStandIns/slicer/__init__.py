@@ -64,8 +64,10 @@ class _Application:
     def processEvents(self) -> None:
         QtWidgets.QApplication.processEvents()
 
+    testing = False  # Slicer's --testing; tests set it
+
     def testingEnabled(self) -> bool:
-        return True
+        return bool(self.testing)
 
     def setOverrideCursor(self, cursor) -> None:
         QtWidgets.QApplication.setOverrideCursor(cursor)
@@ -159,4 +161,4 @@ def _addSliceNodes(scene) -> None:
 _addSliceNodes(mrmlScene)
 
 from . import util  # noqa: E402
-from . import pydeps  # noqa: E402,F401
+from . import packaging  # noqa: E402,F401

@@ -203,7 +203,8 @@ class VTKObservationMixin:
         return None
 
 
-def pip_install(requirements):
+def pip_install(requirements, **kwargs):
+    """Slicer 5.12+: forwards ``**kwargs`` to slicer.packaging.pip_install; recorded, not installed."""
     pipInstallCalls.append(requirements if isinstance(requirements, str) else " ".join(requirements))
 
 
