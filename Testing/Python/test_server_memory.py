@@ -302,7 +302,8 @@ def test_memory_bound_and_start_up_refusal(monkeypatch, capsys):
                        decode_workers=2)
     b = memory_bound(s, machine_bytes=64 << 30, base_bytes=500 * MB, engine_bytes=100 * MB)
     assert b["items"] == {"base": 500 * MB, "image_cache": 2048 * MB, "decodes": 2 * 1536 * MB,
-                          "model_work": 1536 * MB, "results": 1536 * MB, "engine_cache": 100 * MB}
+                          "model_work": 1536 * MB, "job_in_progress": 1536 * MB, "results": 1536 * MB,
+                          "engine_cache": 100 * MB}
     assert b["bytes"] == sum(b["items"].values()) and b["fits"] and bound_problem(b, s) is None
     small = memory_bound(s, machine_bytes=4 << 30, base_bytes=500 * MB)
     problem = bound_problem(small, s)
