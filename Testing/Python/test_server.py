@@ -792,7 +792,7 @@ def test_server_killed_mid_job_then_restarted(engines, tmp_path):
             except Exception as exc:  # noqa: BLE001 - inspected below
                 outcome["error"] = exc
 
-        def registration():  # queued behind the job on the model thread when the server dies
+        def registration():  # sent while the job runs, as the server dies
             try:
                 outcome["registered"] = impatient.register_class(other, mask[25:41], "tumour", slice_index=5)
             except Exception as exc:  # noqa: BLE001 - inspected below
@@ -831,12 +831,16 @@ def test_server_killed_mid_job_then_restarted(engines, tmp_path):
         # The client with few retries gives up with a clear error instead of hanging.
         assert isinstance(outcome.get("error"), RemoteUnavailable), outcome
         assert "cannot reach the RCMed server" in str(outcome["error"])
-        if otfa:  # the registry is what it was before the kill: nothing half-written, nothing lost
-            assert isinstance(outcome.get("register_error"), RemoteUnavailable), outcome
-            assert patient.list_classes() == before and before[0]["shots"] == 2
+        if otfa:  # nothing half-written, nothing lost. The registration no longer waits for the whole job (it
+            # runs between two of its batches), so it may have ended before the kill or died with the server.
+            if "registered" not in outcome:
+                assert isinstance(outcome.get("register_error"), RemoteUnavailable), outcome
             from rcmed_engine.otfa import ClassRegistry
 
-            assert ClassRegistry(registry).names() == ["lesion"]
+            names = sorted(ClassRegistry(registry).names())
+            assert names in (["lesion"], ["lesion", "tumour"]) and ("registered" not in outcome or "tumour" in names)
+            lesion = [c for c in patient.list_classes() if c["name"] == "lesion"]
+            assert lesion == before and before[0]["shots"] == 2
             adapted = patient.segment(other, "lesion")
             same(adapted, local.segment(other, "lesion", registry=str(registry)))
         patient.close()
