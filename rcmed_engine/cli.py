@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--decode-workers", type=int, default=2, help="uploads read and decoded at once (default 2)")
     srv.add_argument("--max-waiting", type=int, default=16, help="requests that may wait for a decode slot or "
                      "the model; more answer 503 with Retry-After (default 16)")
+    srv.add_argument("--body-timeout-s", type=float, default=120.0, help="seconds a request body may take to "
+                     "arrive once the server reads it; a stalled or trickling client gets 408 (default 120)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_model_args(srv)
 
@@ -335,11 +337,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError("--max-request-mb must be positive")
     if args.max_waiting < 0:
         raise CLIError("--max-waiting must be 0 or more")
+    if not args.body_timeout_s > 0:
+        raise CLIError("--body-timeout-s must be positive")
     settings = ServerSettings(host=args.host, port=args.port, token=args.token, registry=args.registry,
                               cache_bytes=args.cache_mb << 20, max_upload_bytes=args.max_upload_mb << 20,
                               max_voxels=args.max_voxels, max_prompt_chars=args.max_prompt_chars,
                               max_request_bytes=None if args.max_request_mb is None else args.max_request_mb << 20,
-                              decode_workers=args.decode_workers, max_waiting=args.max_waiting)
+                              decode_workers=args.decode_workers, max_waiting=args.max_waiting,
+                              body_timeout_s=args.body_timeout_s)
 
     def load():
         from .engine import Engine

@@ -565,6 +565,93 @@ def test_cancelled_job(engines):
         srv.stop()
 
 
+class _Recording:
+    """The server's Engine, recording each segment_many call (its first prompt and slice range); the first
+    call of a job (one with a progress callback) waits for ``gate``, so work can queue behind it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls: list[tuple[str, tuple[int, int]]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def segment_many(self, image, prompts, *, slices=None, progress=None, **kw):
+        self.calls.append((prompts[0], tuple(slices) if slices else None))
+        if progress is not None and not self.entered.is_set():
+            self.entered.set()
+            self.gate.wait(10)
+        return self.engine.segment_many(image, prompts, slices=slices, progress=progress, **kw)
+
+
+def test_a_direct_segment_goes_between_the_chunks_of_a_running_job(engines):
+    """A job runs a batch of slices per turn on the model thread: a client waiting for one slice is
+    answered after the batch that is running, not after the whole volume (issue 21: p99 under load)."""
+    server_engine, local = engines
+    recording = _Recording(server_engine)
+    srv = ThreadServer(recording).start()
+    volume = ct_volume(26, (24, 32, 32))
+    out: dict = {}
+    try:
+        with srv.client() as jobs, srv.client() as clicks:
+            jobs.upload(volume)
+            job = threading.Thread(target=lambda: out.update(job=jobs.segment(volume, "liver")))
+            job.start()
+            assert recording.entered.wait(30)  # the job's first batch is running (and held)
+            click = threading.Thread(target=lambda: out.update(click=clicks.segment(volume, "spleen",
+                                                                                   slices=(5, 6))))
+            click.start()
+            deadline = time.monotonic() + 30
+            while srv.state.gpu.queued() < 1:  # the click waits on the model thread
+                assert time.monotonic() < deadline and click.is_alive()
+                time.sleep(0.01)
+            recording.gate.set()
+            job.join(60)
+            click.join(60)
+        batch = server_engine.batch_size
+        assert batch == 8
+        assert recording.calls == [("liver", (0, 8)), ("spleen", (5, 6)), ("liver", (8, 16)), ("liver", (16, 24))]
+        same(out["job"], local.segment(volume, "liver"))
+        same(out["click"], local.segment(volume, "spleen", slices=(5, 6)))
+    finally:
+        recording.gate.set()
+        srv.stop()
+
+
+def test_a_job_in_many_chunks_equals_one_call(engines, tmp_path):
+    """Two slices per turn on the model: every case gives what one Engine call over the whole range gives,
+    registered classes (one-shot adaptation) included; progress and timings cover the whole range."""
+    import copy
+
+    server_engine, local_engine = (copy.copy(e) for e in engines)
+    server_engine.batch_size = local_engine.batch_size = 2  # the same batches, so bit for bit
+    registry = str(tmp_path / "registry")
+    srv = ThreadServer(server_engine, registry=registry).start()
+    try:
+        with srv.client(poll_wait=0.2) as remote:
+            shot = ct_volume(27, (6, 32, 32))
+            mask = np.zeros(shot.array.shape, np.uint8)
+            mask[3, 10:20, 12:22] = 1
+            otfa = has_otfa(server_engine)
+            if otfa:
+                remote.register_class(shot, mask, "lesion", slice_index=3)
+            cases = [(ct_volume(28, (13, 32, 28)), "lesion and liver" if otfa else "liver", {}),
+                     (ct_volume(29, geometry=OBLIQUE), "aorta", {"axis": "coronal", "slices": (3, 16)}),
+                     (ct_volume(30), "spine", {"axis": "sagittal", "slices": (5, None)})]
+            for volume, prompt, kw in cases:
+                seen: list[tuple[int, int]] = []
+                a = remote.segment(volume, prompt, progress=lambda d, t: seen.append((d, t)), **kw)
+                b = local_engine.segment(volume, prompt, registry=registry if otfa else None, **kw)
+                same(a, b)
+                n = a.slices[1] - a.slices[0]
+                assert n > 4 and a.timings["slices"] == n and set(a.timings) - {"remote_total_s"} == set(b.timings)
+                assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1] == (n, n)
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------------------- classes (OTFA)
 def test_classes_endpoints(server, remote, local, engines):
     volume = ct_volume(18, (6, 32, 32))
@@ -705,7 +792,7 @@ def test_server_killed_mid_job_then_restarted(engines, tmp_path):
             except Exception as exc:  # noqa: BLE001 - inspected below
                 outcome["error"] = exc
 
-        def registration():  # queued behind the job on the model thread when the server dies
+        def registration():  # sent while the job runs, as the server dies
             try:
                 outcome["registered"] = impatient.register_class(other, mask[25:41], "tumour", slice_index=5)
             except Exception as exc:  # noqa: BLE001 - inspected below
@@ -744,12 +831,16 @@ def test_server_killed_mid_job_then_restarted(engines, tmp_path):
         # The client with few retries gives up with a clear error instead of hanging.
         assert isinstance(outcome.get("error"), RemoteUnavailable), outcome
         assert "cannot reach the RCMed server" in str(outcome["error"])
-        if otfa:  # the registry is what it was before the kill: nothing half-written, nothing lost
-            assert isinstance(outcome.get("register_error"), RemoteUnavailable), outcome
-            assert patient.list_classes() == before and before[0]["shots"] == 2
+        if otfa:  # nothing half-written, nothing lost. The registration no longer waits for the whole job (it
+            # runs between two of its batches), so it may have ended before the kill or died with the server.
+            if "registered" not in outcome:
+                assert isinstance(outcome.get("register_error"), RemoteUnavailable), outcome
             from rcmed_engine.otfa import ClassRegistry
 
-            assert ClassRegistry(registry).names() == ["lesion"]
+            names = sorted(ClassRegistry(registry).names())
+            assert names in (["lesion"], ["lesion", "tumour"]) and ("registered" not in outcome or "tumour" in names)
+            lesion = [c for c in patient.list_classes() if c["name"] == "lesion"]
+            assert lesion == before and before[0]["shots"] == 2
             adapted = patient.segment(other, "lesion")
             same(adapted, local.segment(other, "lesion", registry=str(registry)))
         patient.close()

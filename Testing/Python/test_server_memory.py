@@ -302,7 +302,8 @@ def test_memory_bound_and_start_up_refusal(monkeypatch, capsys):
                        decode_workers=2)
     b = memory_bound(s, machine_bytes=64 << 30, base_bytes=500 * MB, engine_bytes=100 * MB)
     assert b["items"] == {"base": 500 * MB, "image_cache": 2048 * MB, "decodes": 2 * 1536 * MB,
-                          "model_work": 1536 * MB, "results": 1536 * MB, "engine_cache": 100 * MB}
+                          "model_work": 1536 * MB, "job_in_progress": 1536 * MB, "results": 1536 * MB,
+                          "engine_cache": 100 * MB}
     assert b["bytes"] == sum(b["items"].values()) and b["fits"] and bound_problem(b, s) is None
     small = memory_bound(s, machine_bytes=4 << 30, base_bytes=500 * MB)
     problem = bound_problem(small, s)
@@ -336,3 +337,90 @@ def test_memory_bound_and_start_up_refusal(monkeypatch, capsys):
     app = create_app(lambda: None, ServerSettings(token="t", cache_bytes=64 * MB, max_upload_bytes=16 * MB,
                                                   max_request_bytes=64 * MB))
     assert app.state.rcmed.bound["fits"]
+
+
+# ----------------------------------------------------------------------------------------- slow bodies
+def raw_post(port: int, path: str, length: int, first: bytes, content_type: str = "application/json") -> socket.socket:
+    """A client that sends its headers and the first bytes of its body, then stalls."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\n"
+              f"Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n".encode() + first)
+    s.settimeout(30)
+    return s
+
+
+def status_of(s: socket.socket) -> tuple[int, bytes]:
+    """The status and the whole answer (headers and body, by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536) or b"\r\n\r\n"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                   if line.startswith(b"content-length:")), 0)
+    while len(body) < length:
+        more = s.recv(65536)
+        if not more:
+            break
+        body += more
+    return int(head.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
+
+
+def test_a_stalled_or_trickled_body_gets_408_and_its_place_back(engine):
+    srv = ThreadServer(engine, decode_workers=1, max_waiting=0, body_timeout_s=1.5).start()
+    try:
+        _, frame = wire.encode_volume(ct_volume(5, (2, 16, 16)))
+        # An upload stalls after 10 bytes, holding the one decode place: 408, and the place is free again.
+        with raw_post(srv.port, "/v1/images", len(frame), frame[:10], "application/octet-stream") as stalled:
+            status, head = status_of(stalled)
+            assert status == 408 and b"did not arrive" in head and b"connection: close" in head.lower(), head
+            assert stalled.recv(1) == b""  # the server closed the connection
+        assert srv.state.decoders.running == 0
+        assert post(srv, frame).status_code == 201
+        # A JSON body that trickles a byte at a time past the timeout: 408 as well.
+        body = b'{"image": "' + b"0" * 64 + b'", "prompt": "liver"}'
+        with raw_post(srv.port, "/v1/segment", len(body), body[:1]) as trickle:
+            stop = threading.Event()
+
+            def drip() -> None:
+                for i in range(1, len(body) - 1):
+                    if stop.wait(0.1):
+                        return
+                    try:
+                        trickle.sendall(body[i:i + 1])
+                    except OSError:
+                        return
+
+            dripping = threading.Thread(target=drip, daemon=True)
+            dripping.start()
+            status, head = status_of(trickle)
+            stop.set()
+            dripping.join(5)
+            assert status == 408, head
+        assert httpx.get(f"{srv.url}/v1/health/ready").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_large_json_bodies_are_read_in_a_decode_place(engine):
+    """A JSON body over 1 MB (a mask) counts like an upload: it needs a place of the decode pool to be read,
+    so the bodies held at once stay within the memory bound; small ones (segment requests) need none."""
+    srv = ThreadServer(engine, decode_workers=1, max_waiting=0, body_timeout_s=600).start()
+    try:
+        _, frame = wire.encode_volume(ct_volume(6, (2, 16, 16)))
+        big = b'{"image": "' + b"0" * 64 + b'", "prompt": "liver"' + b" " * (2 * MB) + b"}"  # 2 MB of JSON
+        with raw_post(srv.port, "/v1/images", len(frame), frame[:10], "application/octet-stream") as slow:
+            deadline = time.monotonic() + 10
+            while srv.state.decoders.running < 1:  # the slow upload holds the one place
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            r = httpx.post(f"{srv.url}/v1/segment", content=big, headers={**AUTH, "Content-Type": "application/json"})
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "busy" in error_of(r), r.text
+            r = httpx.post(f"{srv.url}/v1/segment", headers=AUTH, json={"image": "0" * 64, "prompt": "liver"})
+            assert r.status_code == 404, r.text  # small: read at once, then answered
+            slow.sendall(frame[10:])
+            assert status_of(slow)[0] == 201
+        r = httpx.post(f"{srv.url}/v1/segment", content=big, headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 404, r.text  # with a free place the large body is read and answered
+        assert srv.state.decoders.stats()["refused"] == 1
+    finally:
+        srv.stop()

@@ -31,9 +31,11 @@ The package follows FastAPI's own layout:
 
 * ``app.py``: ``create_app``, the factory; ``serve.py``: ``rcmed serve`` on uvicorn;
 * ``routes/``: one APIRouter per resource (health, info, images, segment, jobs, classes);
-* ``auth.py`` (the bearer token) and ``limits.py`` (body, upload, prompt and job limits), as dependencies;
+* ``auth.py`` (the bearer token) and ``limits.py`` (upload, prompt and job limits), as dependencies;
+  ``bodies.py``: every body's size limit and read timeout (408), large JSON bodies in a decode place;
 * ``state.py``: the shared state in ``app.state.rcmed`` (engine, model thread, image cache, jobs);
-* ``jobs.py``: the job table and how a job runs; ``image_cache.py``; ``uploads.py``: frames and files;
+* ``jobs.py``: the job table and how a job runs; ``chunks.py``: a job a batch of slices per turn on the
+  model thread (``model_thread.py``); ``image_cache.py``; ``uploads.py``: frames and files;
 * ``models.py``: the pydantic schemas; ``errors.py``: the one-line JSON errors; ``settings.py``;
 * ``glue.py``: optional engine parameters, results and registry entries as JSON; ``checks.py``.
 * ``headers.py``: what an upload costs, from its NIfTI/NRRD header; ``memory.py``: the per-request budget and

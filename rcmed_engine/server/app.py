@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from .errors import add_exception_handlers
-from .limits import BodyLimit
+from .bodies import BodyLimit
 from .models import API
 from .routes import classes, health, images, info, jobs, segment
 from .settings import ServerSettings
@@ -38,7 +38,8 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
                   openapi_url=f"/{API}/openapi.json", docs_url=None, redoc_url=None,
                   description="Text-prompted medical image segmentation. Wire format: rcmed_engine.wire.")
     app.state.rcmed = st  # routes reach it through state.get_state
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, timeout_s=settings.body_timeout_s,
+                       pool=st.decoders)
     add_exception_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

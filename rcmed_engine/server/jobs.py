@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import ApiError, one_line
 
@@ -154,33 +154,48 @@ class JobTable:
             if not final:
                 return
 
-    # -- running (on the model thread)
-    def run(self, job: Job, segment: Callable[..., list]) -> None:
-        """Run ``segment(progress=..., cancel=...)`` for the job and record how it ended."""
-        from ..engine import Cancelled
-
-        if job.cancel.is_set():
-            self.finish(job, "cancelled", "cancelled by the client before it started")
-            return
-        job.status = "running"
-        self.notify(job)
+    # -- running (on the model thread, a step at a time)
+    def stepper(self, job: Job, work: Callable[..., Iterator[None]]) -> Callable[[], bool]:
+        """The job as steps for ModelThread.submit_steps: each call advances ``work(progress=..., cancel=...)``,
+        a generator that yields between chunks of slices and returns the results, and says whether more
+        remain. How the job ended is recorded here."""
+        steps: Iterator[None] | None = None
 
         def progress(done: int, total: int) -> None:
             job.done, job.total = int(done), int(total)
             self.notify(job)
 
-        try:
-            results = segment(progress=progress, cancel=job.cancel)
-        except Cancelled:
+        def step() -> bool:
+            nonlocal steps
+            if steps is None:
+                if job.cancel.is_set():
+                    self.finish(job, "cancelled", "cancelled by the client before it started")
+                    return False
+                job.status = "running"
+                self.notify(job)
+                steps = work(progress=progress, cancel=job.cancel)
+            try:
+                next(steps)
+                return True
+            except StopIteration as end:
+                job.results = end.value
+                self.finish(job, "done")
+            except Exception as exc:  # noqa: BLE001 - every ending is recorded on the job
+                self._failed(job, exc)
+            return False
+
+        return step
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        from ..engine import Cancelled
+
+        if isinstance(exc, Cancelled):
             self.finish(job, "cancelled", "cancelled by the client")
-        except ApiError as exc:
+        elif isinstance(exc, ApiError):
             self.finish(job, "failed", exc.message, "invalid")
-        except ValueError as exc:
+        elif isinstance(exc, ValueError):
             self.finish(job, "failed", one_line(exc), "invalid")
-        except Exception:  # noqa: BLE001 - logged here, reported as one line
-            ref = uuid.uuid4().hex[:8]
-            log.exception("job %s failed (ref %s)", job.id, ref)
-            self.finish(job, "failed", f"internal error in the engine (server log ref {ref})", "internal")
         else:
-            job.results = results
-            self.finish(job, "done")
+            ref = uuid.uuid4().hex[:8]
+            log.error("job %s failed (ref %s)", job.id, ref, exc_info=exc)
+            self.finish(job, "failed", f"internal error in the engine (server log ref {ref})", "internal")

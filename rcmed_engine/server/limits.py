@@ -1,51 +1,19 @@
-"""The limits of ``ServerSettings``: request bodies (a middleware and the upload dependency), prompts and
+"""The limits of ``ServerSettings``: upload bodies (bodies.py bounds every body on its way in), prompts and
 active jobs. Crossing one answers 413 (or 503 for jobs, with Retry-After) and says which limit it was."""
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
 
 from fastapi import Depends, Request
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .errors import ApiError, error_response, one_line
+from .errors import ApiError, one_line
 from .models import SegmentRequest
 from .state import ServerState, get_state
 
 log = logging.getLogger("rcmed.server")
-
-
-class BodyLimit:
-    """Every request body (JSON included) is bounded by the upload limit, declared or streamed."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is over this server's limit of {self.limit} bytes"
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await error_response(413, message)(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.limit:
-                    raise StarletteHTTPException(413, message)
-            return msg
-
-        await self.app(scope, limited, send)
 
 
 async def upload_body(request: Request, st: ServerState = Depends(get_state)) -> bytes:

@@ -9,6 +9,8 @@ The bound is the sum of
 * ``decodes``: ``--decode-workers`` concurrent uploads, each at most one request budget
   (``--max-request-mb``, body included) or one upload body, whichever is larger;
 * ``model_work``: the one request on the model thread (its output is checked against one budget);
+* ``job_in_progress``: the results so far of the job that runs a chunk at a time (one budget), kept while
+  waiting clients' requests run between its chunks;
 * ``results``: finished results kept for clients to fetch (at most one budget in all);
 * ``engine_cache``: the engine's embedding cache, when the engine states its cap.
 """
@@ -80,7 +82,7 @@ def memory_bound(settings: Any, machine_bytes: int, base_bytes: int, engine_byte
     per_decode = max(budget, settings.max_upload_bytes)
     items = {"base": int(base_bytes), "image_cache": int(settings.cache_bytes),
              "decodes": int(settings.decode_workers * per_decode), "model_work": int(budget),
-             "results": int(budget), "engine_cache": int(engine_bytes)}
+             "job_in_progress": int(budget), "results": int(budget), "engine_cache": int(engine_bytes)}
     total = sum(items.values())
     return {"bytes": total, "items": items, "machine_bytes": int(machine_bytes), "request_bytes": int(budget),
             "decode_workers": int(settings.decode_workers), "fits": machine_bytes <= 0 or total <= machine_bytes}
@@ -91,11 +93,12 @@ def bound_problem(bound: dict[str, Any], settings: Any) -> str | None:
     if bound["fits"]:
         return None
     it = bound["items"]
+    model = it["model_work"] + it["job_in_progress"] + it["results"] + it["engine_cache"]
     return (f"the server could reach {bound['bytes'] / GB:.1f} GB, more than this machine's "
             f"{bound['machine_bytes'] / GB:.1f} GB (process {it['base'] / GB:.1f} + image cache "
             f"{it['image_cache'] / GB:.1f} + {settings.decode_workers} decodes x "
-            f"{it['decodes'] / max(1, settings.decode_workers) / GB:.2f} + model work, results and engine cache "
-            f"{(it['model_work'] + it['results'] + it['engine_cache']) / GB:.1f}); lower --cache-mb "
+            f"{it['decodes'] / max(1, settings.decode_workers) / GB:.2f} + model work, job in progress, results "
+            f"and engine cache {model / GB:.1f}); lower --cache-mb "
             f"({settings.cache_bytes // MB}), --max-request-mb ({bound['request_bytes'] // MB}), --max-upload-mb "
             f"({settings.max_upload_bytes // MB}) or --decode-workers ({settings.decode_workers})")
 

@@ -28,6 +28,8 @@ class ServerSettings:
     decode_workers: int = 2               # uploads decoded at once (each within max_request_bytes)
     max_waiting: int = 16                 # requests waiting for a decode slot or the model; more answer 503
     check_memory: bool = True             # rcmed serve refuses to start when its memory bound exceeds the machine
+    body_timeout_s: float = 120.0         # a request body must arrive within this, once reading starts; else 408
+    job_chunk_slices: int | None = None   # slices a job runs per turn on the model (whole batches); None: one batch
 
     def request_bytes(self, machine_bytes: int | None = None) -> int:
         """The per-request memory budget: --max-request-mb, else derived from the machine's memory."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fastapi import Request
 
 from ..geometry import Volume
+from .chunks import chunk_slices, segment_in_chunks
 from .errors import ApiError, one_line
 from .glue import accepts
 from .image_cache import ImageCache
@@ -117,10 +118,19 @@ class ServerState:
                 kwargs.pop("registry")
         return engine.segment_many(volume, prompts, **kwargs, **kw)
 
-    def submit_job(self, job: Job, volume: Volume, params: dict[str, Any]) -> None:
-        """Queue the job on the model thread, behind everything submitted before it."""
+    def submit_job(self, job: Job, volume: Volume, params: dict[str, Any], span: tuple[int, int]) -> None:
+        """Queue the job on the model thread, behind the jobs submitted before it. It runs a chunk of slices
+        per step: a waiting client's request goes in between, instead of waiting for the whole volume."""
         self.jobs.add(job)
-        self.gpu.submit(self.jobs.run, job, lambda **kw: self.segment_now(volume, job.prompts, params, **kw))
+        chunk = chunk_slices(self.engine, self.settings.job_chunk_slices)
+
+        def segment(**kw: Any) -> list:
+            return self.segment_now(volume, job.prompts, {**params, **kw})
+
+        def work(progress: Callable[[int, int], None], cancel: Any) -> Iterator[None]:
+            return segment_in_chunks(segment, volume, params["axis"], span, chunk, progress, cancel)
+
+        self.gpu.submit_steps(self.jobs.stepper(job, work))
 
 
 def get_state(request: Request) -> ServerState:

@@ -36,7 +36,7 @@ async def info(st: ServerState = Depends(get_state)) -> Response:
                    "max_prompt_chars": settings.max_prompt_chars, "max_prompts": settings.max_prompts,
                    "cache_bytes": settings.cache_bytes, "max_active_jobs": settings.max_active_jobs,
                    "max_request_bytes": st.request_bytes, "decode_workers": settings.decode_workers,
-                   "max_waiting": settings.max_waiting},
+                   "max_waiting": settings.max_waiting, "body_timeout_s": settings.body_timeout_s},
         "memory": {"bound_bytes": st.bound["bytes"], "bound_items": st.bound["items"],
                    "machine_bytes": st.bound["machine_bytes"], "rss_bytes": st.note_rss(),
                    "peak_rss_bytes": st.peak_rss},

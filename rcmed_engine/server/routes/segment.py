@@ -59,5 +59,5 @@ async def segment(req: SegmentRequest, st: ServerState = Depends(get_state)) -> 
 
     check_job_slots(st)
     job = Job(id=uuid.uuid4().hex, image=req.image, prompts=prompts, total=hi - lo, key=req.idempotency_key)
-    st.submit_job(job, volume, params)
+    st.submit_job(job, volume, params, (lo, hi))
     return _accepted(job)
