@@ -13,7 +13,6 @@ Measures, on slices of the MNI152 T1 template (real anatomy, shipped by nilearn)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -28,7 +27,7 @@ from rcmed_engine.data_locations import MNI_T1, nilearn_data_dir
 from rcmed_engine.engine import Engine
 from rcmed_engine.geometry import Volume
 from rcmed_engine.io import read_image
-from rcmed_engine.io import write_json_atomic
+from report import write_report
 
 
 def peak_rss_mb() -> float:
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {write_report(args.out, result)}", file=sys.stderr)
     return 0
 
 

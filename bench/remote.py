@@ -21,7 +21,6 @@ the median of the per-round ratios; the ``*_min_s`` figures are the least distur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import signal
@@ -43,7 +42,7 @@ from rcmed_engine import wire  # noqa: E402
 from rcmed_engine.client import RemoteEngine  # noqa: E402
 from rcmed_engine.engine import Engine  # noqa: E402
 from rcmed_engine.geometry import Geometry, Volume  # noqa: E402
-from rcmed_engine.io import write_json_atomic  # noqa: E402
+from report import write_report  # noqa: E402
 
 
 def bench_volume(slices: int) -> tuple[Volume, str, str]:
@@ -185,11 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    print(json.dumps(result, indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
-    print(f"wrote {out}", file=sys.stderr)
+    print(f"wrote {write_report(args.out, result)}", file=sys.stderr)
     return 0
 
 

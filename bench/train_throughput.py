@@ -19,7 +19,6 @@ Writes bench/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from rcmed_training.builtin import prepare_mni  # noqa: E402
 from rcmed_training.trainer import TrainConfig, Trainer  # noqa: E402
-from rcmed_engine.io import write_json_atomic  # noqa: E402
+from report import write_report  # noqa: E402
 
 
 def run(preset: str, weights: str | None, batch: int, steps: int, warmup: int, threads: int | None,
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.preset != "syre-7b":
         result["syre_7b"] = "not measured: no accelerator was lent to this session (run with --preset syre-7b " \
                             "--weights DIR on a CUDA machine)"
-    print(json.dumps(result, indent=2))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
+    write_report(a.out, result)
     return 0
 
 

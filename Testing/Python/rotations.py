@@ -1,4 +1,5 @@
-"""Rotation matrices for the geometry tests (oblique and flipped directions), shared by every test file."""
+"""Rotation matrices for the geometry tests (oblique and flipped directions), and a matrix as VTK takes it,
+shared by every test file."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def rotation(axis, angle: float) -> np.ndarray:
     a = a / np.linalg.norm(a)
     k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+
+
+def vtk_matrix(a):
+    """A 4x4 array-like as a ``vtk.vtkMatrix4x4`` (vtk is imported here, only by the Slicer tests that use it)."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r][c]))
+    return m

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from safetensors.torch import load_file, save_file
 
 from rcmed_engine.cli import main
@@ -22,14 +21,7 @@ from rcmed_engine.model.checkpoint import WEIGHTS_NAME, save_checkpoint
 from rcmed_engine.model.presets import load_preset
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def write(path: Path, array: np.ndarray, spacing=(0.9, 0.8, 2.5)) -> Path:

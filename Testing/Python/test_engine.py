@@ -30,12 +30,7 @@ from rotations import rotation
 PLANES = ("axial", "coronal", "sagittal")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 # ------------------------------------------------------------------------------------------- helpers

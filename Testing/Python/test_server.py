@@ -35,6 +35,8 @@ TOKEN = "test-" + secrets.token_hex(12)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FUZZ_BUDGET_S = 12.0
 OBLIQUE = Geometry((-12.5, 30.0, 7.25), (0.75, 0.9, 2.5), (0, 0, 1, 1, 0, 0, 0, 1, 0))  # acquired coronally
+# Server and local engine share this process and two busy cores: more torch threads only oversubscribe them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -132,17 +134,6 @@ def rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server and local engine share this process and two busy cores: more threads only oversubscribe them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def engines():
     # One after the other: the tiny preset seeds torch's global generator, so two loads must not overlap.

@@ -25,9 +25,10 @@ from rcmed_engine.engine import Engine
 from rcmed_engine.server import ApiError, ServerSettings, create_app
 from rcmed_engine.server.headers import gunzip_head, nifti_header, nrrd_header
 from rcmed_engine.server.memory import bound_problem, default_request_bytes, memory_bound, rss_bytes
-from test_server import AUTH, ThreadServer, ct_volume, error_of, one_torch_thread, rss_mb  # noqa: F401
+from test_server import AUTH, ThreadServer, ct_volume, error_of
 
 MB = 1 << 20
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread, as test_server
 
 
 # ----------------------------------------------------------------------------------------- files

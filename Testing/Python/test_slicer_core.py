@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "Testing" / "SlicerCoreGlue"))
 import rcmed_slicer_core as glue  # noqa: E402
-from rotations import rotation  # noqa: E402
+from rotations import rotation, vtk_matrix  # noqa: E402
 
 vtk = pytest.importorskip("vtk")
 
@@ -61,14 +61,6 @@ GEOMETRIES = {
     "oblique": dict(directions=OBLIQUE),
     "flipped": dict(directions=FLIPPED),  # had start=(1, 0, 2), never applied (see above): cropped-extent has it
 }
-
-
-def vtk_matrix(a):
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(a[r][c]))
-    return m
 
 
 def add_volume(core, array, directions=np.eye(3), spacing=(0.9, 0.8, 2.0), origin=(4.0, -12.0, 20.0),

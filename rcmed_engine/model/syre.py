@@ -40,7 +40,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, LoadReport
 from .config import ImageEncoderConfig, LanguageModelConfig, PromptConfig, RCMedConfig
-from .llama_tokenizer import LlamaSlowTokenizer, TokenizerError
+from .llama_tokenizer import LlamaSlowTokenizer, TokenizerError, read_json_object
 from .loaded import LoadedModel
 
 PRESET = "syre-7b"
@@ -457,18 +457,8 @@ def read_released(folder: str | Path, meta_model: bool = False) -> ReleasedCheck
     return ReleasedCheckpoint(config, tokenizer, model, state, report)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return data
-
-
 def _read_hf_config(folder: Path) -> dict:
-    return _read_json(folder / CONFIG_NAME)
+    return read_json_object(folder / CONFIG_NAME, CheckpointError)
 
 
 def _tokenizer(folder: Path) -> LlamaSlowTokenizer:
@@ -506,7 +496,7 @@ def _load_converted(folder: Path, dtype: torch.dtype | None):
     config = read_config(folder)
     if config.preset != PRESET:
         raise CheckpointError(f"{folder} holds a {config.preset!r} model, not {PRESET}")
-    marker = _read_json(folder / MARKER_NAME)
+    marker = read_json_object(folder / MARKER_NAME, CheckpointError)
     tokenizer = _tokenizer(folder)
     model = build_syre_model(config, tokenizer)
     expected = expected_shapes(model)

@@ -197,7 +197,21 @@ class PatchMerging(nn.Module):
         return self.conv3(x)
 
 
-class ConvStage(nn.Module):
+class _Stage(nn.Module):
+    """A stage: its ``blocks`` in turn, then the optional ``downsample`` (a :class:`PatchMerging`)."""
+
+    blocks: nn.ModuleList
+    downsample: PatchMerging | None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x
+
+
+class ConvStage(_Stage):
     """Stage 0: ``depth`` MBConv blocks, then an optional :class:`PatchMerging`.
 
     Shapes: (B, dim, H, W) -> (B, out_dim, H', W').
@@ -214,13 +228,6 @@ class ConvStage(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio, drop_path[i]) for i in range(depth))
         self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
 
 
 class Attention(nn.Module):
@@ -329,7 +336,7 @@ class TinyViTBlock(nn.Module):
         return tokens.permute(0, 3, 1, 2)
 
 
-class TransformerStage(nn.Module):
+class TransformerStage(_Stage):
     """Stages 1-3: ``depth`` :class:`TinyViTBlock` s, then an optional :class:`PatchMerging`.
 
     Shapes: (B, dim, H, W) -> (B, out_dim, H', W').
@@ -352,13 +359,6 @@ class TransformerStage(nn.Module):
             for i in range(depth)
         )
         self.downsample = downsample
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
 
 
 class TinyViT(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from PySide6 import QtCore, QtWidgets
 
 import qt
-from qt import PythonQtMixin
+from qt import PythonQtMixin, lay_out_in_row
 
 
 class ctkCollapsibleButton(PythonQtMixin, QtWidgets.QGroupBox):
@@ -64,13 +64,10 @@ class ctkPathLineEdit(PythonQtMixin, QtWidgets.QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        layout = QtWidgets.QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
         self._edit = QtWidgets.QLineEdit(self)
         self._browse = QtWidgets.QToolButton(self)
         self._browse.setText("...")
-        layout.addWidget(self._edit)
-        layout.addWidget(self._browse)
+        lay_out_in_row(self, self._edit, self._browse)
         self._filters = self.Files
         self._settingKey = ""
         self._edit.textChanged.connect(self.currentPathChanged.emit)
@@ -106,10 +103,8 @@ class ctkSliderWidget(PythonQtMixin, QtWidgets.QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        layout = QtWidgets.QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
         self._spin = QtWidgets.QDoubleSpinBox(self)
-        layout.addWidget(self._spin)
+        lay_out_in_row(self, self._spin)
         self._spin.valueChanged.connect(self.valueChanged.emit)
 
     def _get(self, name):

@@ -101,6 +101,15 @@ def add_pythonqt_properties(cls):
     return cls
 
 
+def lay_out_in_row(parent, *children) -> None:
+    """The stand-ins' composite widgets (a path line edit and its button, a spin box...): ``children`` side by
+    side in ``parent``, with no margins."""
+    layout = QtWidgets.QHBoxLayout(parent)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for child in children:
+        layout.addWidget(child)
+
+
 def wrap_class(base, module_name: str = __name__):
     """A PythonQt-behaving subclass of a PySide6 QObject class."""
     names = _qt_property_names(base)

@@ -18,6 +18,12 @@ __all__ = ["ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLo
            "ScriptedLoadableModuleTest"]
 
 
+def _module_name(obj, suffix: str) -> str:
+    """The module's name: the class name without ``suffix`` ("RCMedSlicerLogic" -> "RCMedSlicer"), as Slicer does."""
+    name = type(obj).__name__
+    return name[:-len(suffix)] if name.endswith(suffix) else name
+
+
 class ScriptedLoadableModule:
     def __init__(self, parent):
         super().__init__()
@@ -53,9 +59,7 @@ class ScriptedLoadableModule:
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent=None):
         super().__init__()
-        self.moduleName = self.__class__.__name__
-        if self.moduleName.endswith("Widget"):
-            self.moduleName = self.moduleName[:-6]
+        self.moduleName = _module_name(self, "Widget")
         self.developerMode = False
         if not parent:
             self.parent = slicer.qMRMLWidget()
@@ -84,9 +88,7 @@ class ScriptedLoadableModuleWidget:
 class ScriptedLoadableModuleLogic:
     def __init__(self, parent=None):
         super().__init__()
-        self.moduleName = self.__class__.__name__
-        if self.moduleName.endswith("Logic"):
-            self.moduleName = self.moduleName[:-5]
+        self.moduleName = _module_name(self, "Logic")
         self.isSingletonParameterNode = True
 
     def getParameterNode(self):

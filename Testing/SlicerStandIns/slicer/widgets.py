@@ -24,7 +24,7 @@ import vtk
 from PySide6 import QtCore, QtWidgets
 
 import qt
-from qt import PythonQtMixin
+from qt import PythonQtMixin, lay_out_in_row
 
 from .mrml import vtkMRMLSegmentEditorNode, matrix_to_numpy
 from .segmentation import (extent_matrix, image_to_numpy, make_oriented, resample_nearest)
@@ -62,10 +62,8 @@ class qMRMLNodeComboBox(PythonQtMixin, QtWidgets.QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        layout = QtWidgets.QHBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
         self._combo = QtWidgets.QComboBox(self)
-        layout.addWidget(self._combo)
+        lay_out_in_row(self, self._combo)
         self._nodeTypes: list[str] = []
         self._flags = {"noneEnabled": False, "addEnabled": True, "removeEnabled": True, "renameEnabled": False,
                        "editEnabled": False, "showHidden": False, "showChildNodeTypes": True,
@@ -606,19 +604,18 @@ class qMRMLSegmentEditorWidget(qMRMLWidget):
         return len(self._undo)
 
     def undo(self):
-        seg = self.segmentationNode()
-        if seg is None or not self._undo:
-            return
-        self._redo.append(seg.GetSegmentation().snapshot())
-        seg.GetSegmentation().restore(self._undo.pop())
-        seg.Modified()
+        self._step(self._undo, self._redo)
 
     def redo(self):
+        self._step(self._redo, self._undo)
+
+    def _step(self, back, forth):
+        """Restore the newest state of ``back``, keeping the current one on ``forth`` (undo and redo mirrored)."""
         seg = self.segmentationNode()
-        if seg is None or not self._redo:
+        if seg is None or not back:
             return
-        self._undo.append(seg.GetSegmentation().snapshot())
-        seg.GetSegmentation().restore(self._redo.pop())
+        forth.append(seg.GetSegmentation().snapshot())
+        seg.GetSegmentation().restore(back.pop())
         seg.Modified()
 
 
