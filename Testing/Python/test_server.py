@@ -1035,6 +1035,36 @@ def test_cli_segment_with_server(server, tmp_path, capsys):
     assert err.count("\n") == 1 and "token" in err and not (tmp_path / "x.nii.gz").exists()
 
 
+def test_cli_click_and_refine_with_server(oracle, server, tmp_path, capsys):
+    """segment --click and refine, with --server and here: the same files."""
+    import SimpleITK as sitk
+
+    from rcmed_engine.cli import main
+    from rcmed_engine.io import SegmentInfo, read_labelmap, write_labelmap
+
+    vol, a, b = blob_volume(Geometry((10.0, -20.0, 5.0), (0.9, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    image = sitk.GetImageFromArray(vol.array)
+    vol.geometry.apply_to(image)
+    src = tmp_path / "blobs.nrrd"
+    sitk.WriteImage(image, str(src))
+    seg = tmp_path / "leaky.seg.nrrd"
+    write_labelmap(seg, (a | b).astype(np.uint8), vol.geometry,
+                   [SegmentInfo("tumour", 1, (1.0, 0.0, 0.0), {"RCMed.prompt": "tumour"})])
+    ras = lambda zyx, suffix="": ",".join(f"{v:.4f}" for v in voxel_ras(vol.geometry, zyx)) + suffix  # noqa: E731
+    runs = {"segment": ["segment", str(src), "--prompt", "tumour", "--click", ras((5, 8, 9))],
+            "refine": ["refine", str(seg), str(src), "--click", ras((4, 18, 19), ":exclude")]}
+    for command, argv in runs.items():
+        outs = []
+        for where, extra in (("remote", ["--server", server.url, "--token", TOKEN]), ("local", [])):
+            outs.append(tmp_path / f"{command}-{where}.seg.nrrd")
+            assert main([*argv, "-o", str(outs[-1]), "--preset", "tiny", "--device", "cpu", "--modality", "CT",
+                         *extra]) == 0
+        (x, gx, sx), (y, gy, sy) = (read_labelmap(o) for o in outs)
+        assert np.array_equal(x, y) and gx == gy and sx[0].tags["RCMed.clicks"] == sy[0].tags["RCMed.clicks"]
+    assert np.array_equal(x, a)
+    capsys.readouterr()
+
+
 def test_cli_evaluate_with_server(server, tmp_path):
     import SimpleITK as sitk
 
