@@ -1,4 +1,4 @@
-"""The ``rcmed`` command (DESIGN.md): segment, evaluate, info.
+"""The ``rcmed`` command (DESIGN.md): segment (text, then clicks), refine, evaluate, info.
 
 Errors go to stderr as one line and the exit status is non-zero; no partial output file is left.
 """
@@ -24,7 +24,7 @@ class CLIError(Exception):
     """A user-facing error: printed as one line."""
 
 
-def _progress_bar(total_desc: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+def _progress_bar(total_desc: str, unit: str = "slice") -> tuple[Callable[[int, int], None], Callable[[], None]]:
     """A tqdm bar on a terminal; silent when stderr is piped."""
     if not sys.stderr.isatty():
         return (lambda done, total: None), (lambda: None)
@@ -34,7 +34,7 @@ def _progress_bar(total_desc: str) -> tuple[Callable[[int, int], None], Callable
 
     def update(done: int, total: int) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=total_desc, unit="slice", file=sys.stderr, leave=False)
+            bar["bar"] = tqdm(total=total, desc=total_desc, unit=unit, file=sys.stderr, leave=False)
         bar["bar"].n = done
         bar["bar"].refresh()
 
@@ -67,8 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--slices", default=None, help="A:B, voxel indices along the cut axis (default all)")
     seg.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
     seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    _add_click_args(seg)
     _add_model_args(seg)
     _add_remote_args(seg)
+
+    ref = sub.add_parser("refine", help="correct an earlier result with include/exclude clicks and boxes")
+    ref.add_argument("seg_file", help="the result to correct: a .seg.nrrd written by rcmed segment (its prompt is "
+                     "in its tags) or a label map on IMAGE's grid (label t for the prompt's target t; give --prompt)")
+    ref.add_argument("image", help="the image SEG_FILE was made from")
+    ref.add_argument("--prompt", default=None, help="the prompt that made SEG_FILE (default: the one its tags record)")
+    ref.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
+    ref.add_argument("--modality", default=None, help="CT, MR, X-ray, US, microscopy... (default: from the file)")
+    ref.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                     help="anatomical plane the clicks' slices are cut along (default axial)")
+    ref.add_argument("--slices", default=None, help="A:B, the slices a correction may be carried to (default all)")
+    ref.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    _add_click_args(ref)
+    _add_model_args(ref)
+    _add_remote_args(ref)
 
     ev = sub.add_parser("evaluate", help="Dice on an nnU-Net v2 raw data set")
     ev.add_argument("dataset", help="folder with dataset.json, imagesTs/labelsTs (or imagesTr/labelsTr)")
@@ -130,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32"],
                       help="keep each tensor's dtype (default; 16.2 GB), or cast all to bf16 (14.9 GB) or fp32")
     return parser
+
+
+def _add_click_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--click", action="append", default=[], metavar="R,A,S[:include|exclude[:TARGET]]",
+                   help="a point in patient space (RAS mm, as Slicer shows it) that corrects the mask: include "
+                        "(default) or exclude, for TARGET (default: the prompt's first); repeatable")
+    p.add_argument("--box", action="append", default=[], metavar="R,A,S:R,A,S[:TARGET]",
+                   help="two opposite corners (RAS mm) on one slice: the target there is what the box frames; "
+                        "repeatable")
+    p.add_argument("--no-propagate", action="store_true",
+                   help="correct the clicked slices only (default: carry each correction to the neighbouring "
+                        "slices while the target goes on, within --slices)")
 
 
 def _add_remote_args(p: argparse.ArgumentParser) -> None:
@@ -255,34 +283,143 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .geometry import parse_slice_range
-    from .io import OUTPUT_SUFFIXES, read_image, write_labelmap
+    from .io import OUTPUT_SUFFIXES, read_image
     from .prompts import parse_targets
 
     registry = _registry_arg(args)
     out = _check_output(args.output, OUTPUT_SUFFIXES, args.overwrite)
     parse_targets(args.prompt)  # a bad prompt fails before the model loads
+    clicks, boxes = _clicks_arg(args)
     slices = parse_slice_range(args.slices)
     volume = read_image(args.image)
+    _check_clicks_inside(clicks, boxes, volume, args.axis)
     _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
     modality = _modality(args, volume)
     _loading(args)
     engine = _engine(args)
-    update, close = _progress_bar("segment")
+    if clicks or boxes:
+        if registry and hasattr(engine, "use_registry"):
+            engine.use_registry(registry)  # refine's own text pass then uses it
+        result = _run_refine(args, engine, volume, args.prompt, clicks, boxes, None, modality, slices)
+    else:
+        update, close = _progress_bar("segment")
+        try:
+            result = engine.segment(volume, args.prompt, modality=modality, axis=args.axis, slices=slices,
+                                    progress=update, **({"registry": registry} if registry else {}))
+        finally:
+            close()
+    return _write_and_report(out, result, volume)
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """Correct an earlier result (SEG_FILE) of IMAGE with clicks and boxes; written as segment writes."""
+    import numpy as np
+
+    from .geometry import Volume, parse_slice_range
+    from .io import OUTPUT_SUFFIXES, read_image, read_labelmap
+
+    out = _check_output(args.output, OUTPUT_SUFFIXES, args.overwrite)
+    clicks, boxes = _clicks_arg(args)
+    if not clicks and not boxes:
+        raise CLIError("nothing to correct with: give at least one --click or --box")
+    slices = parse_slice_range(args.slices)
+    labels, geometry, segments = read_labelmap(args.seg_file)
+    prompt = _earlier_prompt(args.prompt, labels, segments, args.seg_file)
+    volume = read_image(args.image)
+    _check_clicks_inside(clicks, boxes, volume, args.axis)
+    _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
+    modality = _modality(args, volume)
+    _loading(args)
+    engine = _engine(args)
+    # The engine compares the earlier result's grid with the image's: another geometry is a one-line error.
+    previous = Volume(np.ascontiguousarray(labels, dtype=np.uint8), geometry, {})
+    result = _run_refine(args, engine, volume, prompt, clicks, boxes, previous, modality, slices)
+    return _write_and_report(out, result, volume)
+
+
+def _clicks_arg(args: argparse.Namespace) -> tuple[list, list]:
+    """--click and --box parsed (a malformed one fails in one line before anything loads)."""
+    from .clicks import parse_box, parse_click
+
+    clicks = [parse_click(c) for c in args.click]
+    boxes = [parse_box(b) for b in args.box]
+    if args.no_propagate and not clicks and not boxes:
+        raise CLIError("--no-propagate only applies to corrections: give --click or --box too")
+    return clicks, boxes
+
+
+def _check_clicks_inside(clicks: list, boxes: list, volume, axis: str) -> None:
+    """Every click and box corner within the image, checked before the model loads (the engine checks the
+    rest: the slice range, a box's area, the targets)."""
+    if not clicks and not boxes:
+        return
+    from .clicks import ras_to_stack
+
+    frame = volume.slice_frame(axis)
+    for c in clicks:
+        ras_to_stack(c.ras, volume.geometry, volume.shape_zyx, frame,
+                     "the include click" if c.include else "the exclude click")
+    for b in boxes:
+        for corner in (b.first, b.second):
+            ras_to_stack(corner, volume.geometry, volume.shape_zyx, frame, "a box corner")
+
+
+def _earlier_prompt(given: str | None, labels, segments: list, path: str) -> str:
+    """The prompt that made SEG_FILE: --prompt, else the RCMed.prompt tag its segments carry (rcmed segment
+    writes it), else its segment names in label order; label t must be the prompt's target t."""
+    from .prompts import parse_targets
+
+    if given is not None:
+        prompt = given
+    else:
+        tagged = sorted({s.tags.get("RCMed.prompt", "") for s in segments} - {""})
+        if len(tagged) > 1:
+            raise CLIError(f"{path} holds the results of several prompts ({'; '.join(tagged)}): pass --prompt")
+        if tagged:
+            prompt = tagged[0]
+        elif segments:
+            prompt = ", ".join(s.name for s in sorted(segments, key=lambda s: s.label_value))
+        else:
+            raise CLIError(f"{path} names no segments (a plain label map): pass --prompt with the prompt that made it")
+    n = len(parse_targets(prompt))
+    top = int(labels.max(initial=0))
+    if top > n:
+        raise CLIError(f"{path} has label {top}, but the prompt {prompt!r} names {n} target(s) (label t is target t): "
+                       "pass --prompt with the prompt that made it")
+    return prompt
+
+
+def _run_refine(args: argparse.Namespace, engine, volume, prompt: str, clicks: list, boxes: list, previous,
+                modality: str, slices):
+    update, close = _progress_bar("refine", unit="target")
     try:
-        result = engine.segment(volume, args.prompt, modality=modality, axis=args.axis, slices=slices,
-                                progress=update, **({"registry": registry} if registry else {}))
+        return engine.refine(volume, prompt, clicks, boxes=boxes, previous=previous,
+                             propagate=not args.no_propagate, modality=modality, axis=args.axis, slices=slices,
+                             progress=update)
     finally:
         close()
+
+
+def _write_and_report(out: Path, result, volume) -> int:
+    """Write the label map (atomically), then the notes and sentences on stderr and one JSON line on stdout."""
+    from .io import write_labelmap
+
     write_labelmap(out, result.labels, result.geometry, result.segments(), reference_2d=volume.is_2d)
     for note in result.notes:
         print(f"rcmed: note: {note}", file=sys.stderr)
     for line in target_sentences(result):
         print(line, file=sys.stderr)
     voxels = {t: int((result.labels == i + 1).sum()) for i, t in enumerate(result.targets)}
-    print(json.dumps({"output": str(out), "targets": result.targets, "voxels": voxels,
-                      "presence": {t: _max_presence(result, i) for i, t in enumerate(result.targets)},
-                      "answer": result.answer, "modality": result.modality, "axis": result.axis,
-                      "notes": result.notes, "seconds": round(result.timings["total_s"], 3)}))
+    report = {"output": str(out), "targets": result.targets, "voxels": voxels,
+              "presence": {t: _max_presence(result, i) for i, t in enumerate(result.targets)},
+              "answer": result.answer, "modality": result.modality, "axis": result.axis,
+              "notes": result.notes, "seconds": round(result.timings["total_s"], 3)}
+    if "RCMed.clicks" in result.provenance:
+        given = json.loads(result.provenance["RCMed.clicks"])
+        report["refine"] = {"clicks": len(given["clicks"]), "boxes": len(given["boxes"]),
+                            **{k: round(float(result.timings.get(k, 0.0)), 3)
+                               for k in ("click_s", "propagate_s", "slices_carried")}}
+    print(json.dumps(report))
     return 0
 
 
@@ -411,6 +548,7 @@ def cmd_classes(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "segment": cmd_segment,
+    "refine": cmd_refine,
     "evaluate": cmd_evaluate,
     "info": cmd_info,
     "register": cmd_register,
@@ -425,9 +563,21 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+def _glue_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--click -12.5,40,3``: argparse reads a value that starts with '-' as an option of its own, and RAS
+    coordinates are often negative; such a value is glued to its option (``--click=-12.5,40,3``)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--click", "--box") and arg[:1] == "-" and arg[1:2] in tuple("0123456789."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else argv))
     started = time.perf_counter()
     try:
         return COMMANDS[args.command](args)

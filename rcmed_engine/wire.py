@@ -56,6 +56,15 @@ so the two sides cannot drift apart.
 
    the same rules as 1, carried as base64: bit-exact, NaN included.
 
+6. Clicks and boxes (the body of ``POST /v1/images/{id}/refine``; docs/remote.md has the whole body)::
+
+       {"ras": [R, A, S], "label": "include" | "exclude", "target": str | null}
+       {"corners_ras": [[R, A, S], [R, A, S]], "target": str | null}
+
+   RAS millimetres (patient space as Slicer's markups hold it; LPS with the first two signs flipped),
+   as ``rcmed_engine.clicks.Click.to_json`` and ``Box.to_json`` write them. The earlier result to
+   correct travels as a label map (4) with its geometry (3).
+
 Errors are JSON ``{"error": "one clear line"}`` with a 4xx status (5xx only for the server's own
 failures, never with a stack trace).
 """

@@ -1,4 +1,4 @@
-"""The ``rcmed`` command: bad input fails in one clear line with no file left behind; info; evaluate."""
+"""The ``rcmed`` command: bad input fails in one clear line with no file left behind; clicks; info; evaluate."""
 
 from __future__ import annotations
 
@@ -13,12 +13,16 @@ import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file, save_file
 
-from rcmed_engine.cli import main
+from rcmed_engine.cli import _glue_negative_values, build_parser, main
+from rcmed_engine.clicks import parse_click
 from rcmed_engine.engine import Engine
 from rcmed_engine.evaluate import dice
-from rcmed_engine.io import read_image, read_labelmap
+from rcmed_engine.geometry import Geometry
+from rcmed_engine.io import SegmentInfo, read_image, read_labelmap, write_labelmap
 from rcmed_engine.model.checkpoint import WEIGHTS_NAME, save_checkpoint
 from rcmed_engine.model.presets import load_preset
+from test_refine import blob_volume, oracle, voxel_ras  # noqa: F401 (oracle: the fake decoder fixture)
+from test_refine import geometry as oblique_geometry
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
@@ -224,6 +228,140 @@ def test_console_script_exit_code_and_one_line(dirs):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not found" in lines[0], proc.stderr
     assert list(out.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- clicks
+
+def ras_arg(geometry: Geometry, zyx, suffix: str = "") -> str:
+    r, a, s = voxel_ras(geometry, zyx)
+    return f"{r:.4f},{a:.4f},{s:.4f}{suffix}"
+
+
+@pytest.fixture
+def blobs(tmp_path, request):
+    """test_refine's two bright blocks (A on axial slices 2..8, B on 3..5) as an image file; with
+    ``oblique`` in the test's name, in an oblique, flipped, anisotropic volume."""
+    geo = (oblique_geometry(0.35, flip=(-1, 1, -1), spacing=(1.0, 0.9, 1.2)) if "oblique" in request.node.name
+           else Geometry((10.0, -20.0, 5.0), (0.9, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    vol, a, b = blob_volume(geo)
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    image = sitk.GetImageFromArray(vol.array)
+    vol.geometry.apply_to(image)
+    sitk.WriteImage(image, str(src / "blobs.nrrd"))
+    return read_image(src / "blobs.nrrd"), a, b, src, out
+
+
+def earlier(path: Path, labels: np.ndarray, geometry: Geometry, prompt: str | None = "tumour") -> Path:
+    """An earlier result as rcmed segment writes it (the prompt in the segments' tags), or a plain label map."""
+    tags = {} if prompt is None else {"RCMed.prompt": prompt}
+    segments = [SegmentInfo(f"target {v}", v, (1.0, 0.0, 0.0), tags) for v in range(1, max(1, int(labels.max())) + 1)]
+    write_labelmap(path, labels.astype(np.uint8), geometry, segments if path.name.endswith(".seg.nrrd") else [])
+    return path
+
+
+def test_segment_then_click_in_an_oblique_volume(blobs, capsys, oracle):
+    """segment --click: the text's mask corrected by the click, as Engine.refine gives it, with the clicks in the
+    segments' tags and a refine summary in the JSON line."""
+    vol, a, _, src, out = blobs
+    click = ras_arg(vol.geometry, (5, 8, 9))
+    target = out / "t.seg.nrrd"
+    assert main(["segment", str(src / "blobs.nrrd"), "--prompt", "tumour", "-o", str(target), *TINY,
+                 "--modality", "CT", "--click", click]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["refine"]["clicks"] == 1 and report["refine"]["boxes"] == 0 and "tumour: " in captured.err
+    labels, _, segments = read_labelmap(target)
+    expected = Engine(load_preset("tiny"), device="cpu").refine(vol, "tumour", [parse_click(click)], modality="CT")
+    assert np.array_equal(labels, expected.labels) and labels[5, 8, 9] == 1
+    assert json.loads(segments[0].tags["RCMed.clicks"])["clicks"][0]["label"] == "include"
+    assert segments[0].tags["RCMed.prompt"] == "tumour"
+
+
+def test_refine_corrects_an_earlier_result(blobs, capsys, oracle):
+    """rcmed refine: the prompt comes from SEG_FILE's tags; an exclude click removes the leak through the
+    volume, and with --no-propagate on its own slice only."""
+    vol, a, b, src, out = blobs
+    seg = earlier(src / "leaky.seg.nrrd", a | b, vol.geometry)
+    argv = ["refine", str(seg), str(src / "blobs.nrrd"), "--click", ras_arg(vol.geometry, (4, 18, 19), ":exclude"),
+            *TINY, "--modality", "CT"]
+    assert main([*argv, "-o", str(out / "fixed.seg.nrrd")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["targets"] == ["tumour"] and report["refine"]["clicks"] == 1
+    fixed, geometry, segments = read_labelmap(out / "fixed.seg.nrrd")
+    assert np.array_equal(fixed, a.astype(np.uint8)) and geometry == vol.geometry
+    assert "exclude" in segments[0].tags["RCMed.clicks"]
+    assert main([*argv, "-o", str(out / "one.nii.gz"), "--no-propagate"]) == 0
+    one = read_labelmap(out / "one.nii.gz")[0]
+    leak_left = (a | b).copy()
+    leak_left[4] = a[4]
+    assert np.array_equal(one, leak_left.astype(np.uint8))
+
+
+def test_refine_a_plain_label_map_with_a_box(blobs, capsys, oracle):
+    """A label map without segment names needs --prompt; a negative coordinate may follow --box directly."""
+    vol, a, b, src, out = blobs
+    seg = earlier(src / "empty.nii.gz", np.zeros(a.shape, np.uint8), vol.geometry, None)
+    box = f"{ras_arg(vol.geometry, (4, 14, 14))}:{ras_arg(vol.geometry, (4, 22, 24))}"
+    assert box.startswith("-")  # R of this volume is negative: argparse alone would take it for an option
+    assert main(["refine", str(seg), str(src / "blobs.nrrd"), "--prompt", "tumour", "--box", box, "--no-propagate",
+                 "-o", str(out / "boxed.seg.nrrd"), *TINY, "--modality", "CT"]) == 0
+    assert json.loads(capsys.readouterr().out)["refine"]["boxes"] == 1
+    got = read_labelmap(out / "boxed.seg.nrrd")[0]
+    assert np.array_equal(got[4], b[4].astype(np.uint8)) and not got[np.arange(12) != 4].any()
+
+
+def test_negative_coordinates_are_glued_to_their_option():
+    argv = _glue_negative_values(["segment", "x", "--click", "-1.5,2,3:exclude", "--box", "-.5,2,3:4,5,3",
+                                  "--slices", "-1:2", "--click", "1,2,3"])
+    assert argv == ["segment", "x", "--click=-1.5,2,3:exclude", "--box=-.5,2,3:4,5,3", "--slices", "-1:2",
+                    "--click", "1,2,3"]
+    args = build_parser().parse_args(["segment", "x", "--prompt", "p", "-o", "o.nii.gz", *argv[2:4], *argv[6:]])
+    assert args.click == ["-1.5,2,3:exclude", "1,2,3"] and args.box == ["-.5,2,3:4,5,3"]
+
+
+@pytest.mark.parametrize("case, phrase", [
+    ("segment: click outside", "outside the image"),
+    ("segment: zero-area box", "zero area"),
+    ("segment: malformed click", "--click wants"),
+    ("segment: --no-propagate alone", "only applies"),
+    ("refine: exclude with no mask", "nothing to remove"),
+    ("refine: another geometry", "another grid"),
+    ("refine: no click", "nothing to correct"),
+    ("refine: more labels than targets", "names 1 target"),
+    ("refine: plain label map, no prompt", "pass --prompt"),
+    ("refine: SEG_FILE missing", "not found"),
+])
+def test_bad_click_input_is_one_line_and_writes_nothing(case, phrase, blobs, capsys, oracle):
+    vol, a, b, src, out = blobs
+    g = vol.geometry
+    image, target = str(src / "blobs.nrrd"), str(out / "o.seg.nrrd")
+    segment = ["segment", image, "--prompt", "tumour", "-o", target, *TINY, "--modality", "CT"]
+    inside = ras_arg(g, (5, 8, 9))
+    argv = {
+        "segment: click outside": [*segment, "--click", ras_arg(g, (5, 8, 40))],
+        "segment: zero-area box": [*segment, "--box", f"{ras_arg(g, (4, 3, 3))}:{ras_arg(g, (4, 3, 9))}"],
+        "segment: malformed click": [*segment, "--click", "1,2"],
+        "segment: --no-propagate alone": [*segment, "--no-propagate"],
+    }.get(case)
+    if argv is None:
+        labels, geometry, prompt, click = np.zeros(a.shape, np.uint8), g, "tumour", [f"--click={inside}:exclude"]
+        name = "earlier.seg.nrrd"
+        if case == "refine: another geometry":
+            labels, click = a.astype(np.uint8), [f"--click={inside}"]
+            geometry = Geometry((11.0, -20.0, 5.0), g.spacing, g.direction)
+        elif case == "refine: no click":
+            click = []
+        elif case == "refine: more labels than targets":
+            labels = np.where(b, 2, a).astype(np.uint8)
+        elif case == "refine: plain label map, no prompt":
+            name, prompt = "earlier.nii.gz", None
+        path = earlier(src / name, labels, geometry, prompt)
+        if case == "refine: SEG_FILE missing":
+            path = src / "absent.seg.nrrd"
+        argv = ["refine", str(path), image, "-o", target, *click, *TINY, "--modality", "CT"]
+    run_fail(capsys, argv, phrase, out)
 
 
 # ------------------------------------------------------------------------------------------- info

@@ -29,6 +29,8 @@ from rcmed_engine.client import RemoteAuthError, RemoteEngine, RemoteError, Remo
 from rcmed_engine.engine import Cancelled, Engine, EngineError
 from rcmed_engine.geometry import Geometry, Volume
 from rcmed_engine.server import ServerSettings, create_app
+from test_refine import blob_volume, centre_click, oracle, voxel_ras  # noqa: F401 (oracle: the fake decoder fixture)
+from test_refine import geometry as refine_geometry
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-" + secrets.token_hex(12)
@@ -874,6 +876,118 @@ def test_sixteen_concurrent_clients(engines):
         srv.stop()
 
 
+# ----------------------------------------------------------------------------------------- refine (clicks)
+def _refine_case(case: str, local):
+    """(image, prompt, clicks, kwargs) for a refine that both engines run."""
+    from rcmed_engine.clicks import Box
+
+    vol, a, b = blob_volume(refine_geometry(0.35, flip=(-1, 1, -1), spacing=(1.0, 0.9, 1.2))
+                            if case == "oblique, two clicks" else None)
+    g = vol.geometry
+    if case == "include, no text":
+        return vol, "tumour", [centre_click(vol, (5, 8, 9))], {"text": False}
+    if case == "oblique, two clicks":
+        return vol, "tumour", [centre_click(vol, (5, 8, 9)), centre_click(vol, (4, 18, 19))], {"text": False}
+    if case == "exclude a leak of a label map":
+        return vol, "tumour", [centre_click(vol, (4, 18, 19), include=False)], {
+            "previous": (a | b).astype(np.uint8), "text": False}
+    if case == "box on a slice the earlier result never reached":
+        box = Box(tuple(voxel_ras(g, (4, 14, 14))), tuple(voxel_ras(g, (4, 22, 24))))
+        return vol, "tumour", [], {"boxes": [box], "propagate": False,
+                                   "previous": local.segment(vol, "tumour", slices=(0, 3))}
+    assert case == "two targets, text, a range"
+    return vol, "tumour and cyst", [centre_click(vol, (4, 18, 19), target="cyst")], {"slices": (2, 9)}
+
+
+REFINE_CASES = ["include, no text", "oblique, two clicks", "exclude a leak of a label map",
+                "box on a slice the earlier result never reached", "two targets, text, a range"]
+
+
+@pytest.mark.parametrize("case", REFINE_CASES)
+def test_remote_refine_equals_local(case, oracle, remote, local):
+    image, prompt, clicks, kw = _refine_case(case, local)
+    seen = []
+    a = remote.refine(image, prompt, clicks, progress=lambda d, t: seen.append((d, t)), **kw)
+    b = local.refine(image, prompt, clicks, **kw)
+    same(a, b)
+    assert "RCMed.clicks" in a.provenance and seen == [(0, 1), (1, 1)]
+
+
+def test_remote_refine_with_the_tiny_decoder_equals_local(remote, local):
+    """No fake: the tiny preset's own decoder and text, an oblique volume, clicks given as strings."""
+    volume = ct_volume(24, (6, 28, 24), geometry=OBLIQUE)
+    centre = voxel_ras(volume.geometry, (3, 14, 12))
+    clicks = [",".join(f"{v:.3f}" for v in centre), ",".join(f"{v:.3f}" for v in centre + 2) + ":include:spleen"]
+    same(remote.refine(volume, "liver and spleen", clicks), local.refine(volume, "liver and spleen", clicks))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("outside", "outside the image"), ("zero box", "zero area"), ("exclude first", "nothing to remove"),
+    ("geometry", "another grid"), ("range", "outside the range"), ("target", "does not"),
+    ("nothing", "nothing to refine"),
+])
+def test_remote_refine_bad_input_is_the_local_one_line(case, message, oracle, remote, local):
+    from rcmed_engine.clicks import Box
+
+    vol, a, _ = blob_volume()
+    g = vol.geometry
+    kw: dict = {"text": False}
+    clicks = [centre_click(vol, (5, 8, 9))]
+    if case == "outside":
+        clicks = [centre_click(vol, (5, 8, 40))]
+    elif case == "zero box":
+        clicks, kw["boxes"] = [], [Box(tuple(voxel_ras(g, (4, 3, 3))), tuple(voxel_ras(g, (4, 3, 9))))]
+    elif case == "exclude first":
+        clicks = [centre_click(vol, (5, 8, 9), include=False)]
+    elif case == "geometry":
+        kw["previous"] = Volume(np.zeros(a.shape, np.uint8), Geometry((0, 0, 1), (1, 1, 1), g.direction))
+    elif case == "range":
+        kw["slices"] = (0, 3)
+    elif case == "target":
+        clicks = [centre_click(vol, (5, 8, 9), target="spleen")]
+    elif case == "nothing":
+        clicks = []
+    with pytest.raises(EngineError, match=message) as remote_error:
+        remote.refine(vol, "tumour", clicks, **kw)
+    with pytest.raises(EngineError) as local_error:
+        local.refine(vol, "tumour", clicks, **kw)
+    assert str(remote_error.value) == str(local_error.value) and "\n" not in str(remote_error.value)
+
+
+def test_refine_endpoint_on_the_wire(oracle, server, remote):
+    """POST /v1/images/{id}/refine: the answer is a segment request's; bad bodies are one-line 4xx errors."""
+    vol, a, b = blob_volume()
+    ident = remote.upload(vol)
+    url = f"{server.url}/v1/images/{ident}/refine"
+    click = {"ras": list(voxel_ras(vol.geometry, (4, 18, 19))), "label": "exclude", "target": None}
+    leak = wire.encode_labels((a | b).astype(np.uint8))
+    r = httpx.post(url, headers=AUTH, json={"prompt": "tumour", "clicks": [click], "text": False,
+                                           "previous": {"labels": leak}}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"] == ident and len(body["results"]) == 1
+    assert np.array_equal(wire.decode_labels(body["results"][0]["labels"]), a.astype(np.uint8))
+    bad = {
+        "unknown image": (secrets.token_hex(32), {"prompt": "tumour", "clicks": [click]}, 404, "unknown image"),
+        "previous half given": (ident, {"prompt": "tumour", "clicks": [click], "previous": {
+            "labels": leak, "targets": ["tumour"]}}, 422, "come together"),
+        "previous slices out of bounds": (ident, {"prompt": "tumour", "clicks": [click], "previous": {
+            "labels": leak, "targets": ["tumour"], "axis": "axial", "slices": [0, 10 ** 12]}}, 422, "out of bounds"),
+        "a click with two numbers": (ident, {"prompt": "tumour", "clicks": [{"ras": [1, 2]}]}, 422, "ras"),
+        "a label that is neither": (ident, {"prompt": "tumour", "clicks": [{**click, "label": "maybe"}]}, 422, "label"),
+        "a prompt over the limit": (ident, {"prompt": "x" * 300, "clicks": [click]}, 413, "limit"),
+        "the slice range": (ident, {"prompt": "tumour", "clicks": [click], "slices": [5, 99]}, 422, "out of bounds"),
+    }
+    for name, (image_id, payload, status, words) in bad.items():
+        r = httpx.post(f"{server.url}/v1/images/{image_id}/refine", headers=AUTH, json=payload, timeout=60)
+        assert r.status_code == status and words in error_of(r), (name, r.status_code, r.text)
+    r = httpx.post(url, headers={**AUTH, "Content-Type": "application/json"}, timeout=60,
+                   content=b'{"prompt": "tumour", "clicks": [{"ras": [NaN, 1, 2]}]}')
+    assert r.status_code == 422 and "finite" in error_of(r)
+    r = httpx.post(url, json={"prompt": "tumour", "clicks": [click]})
+    assert r.status_code == 401
+
+
 # ----------------------------------------------------------------------------------------- the command
 def test_cli_segment_with_server(server, tmp_path, capsys):
     import SimpleITK as sitk
@@ -910,6 +1024,36 @@ def test_cli_segment_with_server(server, tmp_path, capsys):
                  "--server", server.url, "--token", "wrong"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "token" in err and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_cli_click_and_refine_with_server(oracle, server, tmp_path, capsys):
+    """segment --click and refine, with --server and here: the same files."""
+    import SimpleITK as sitk
+
+    from rcmed_engine.cli import main
+    from rcmed_engine.io import SegmentInfo, read_labelmap, write_labelmap
+
+    vol, a, b = blob_volume(Geometry((10.0, -20.0, 5.0), (0.9, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    image = sitk.GetImageFromArray(vol.array)
+    vol.geometry.apply_to(image)
+    src = tmp_path / "blobs.nrrd"
+    sitk.WriteImage(image, str(src))
+    seg = tmp_path / "leaky.seg.nrrd"
+    write_labelmap(seg, (a | b).astype(np.uint8), vol.geometry,
+                   [SegmentInfo("tumour", 1, (1.0, 0.0, 0.0), {"RCMed.prompt": "tumour"})])
+    ras = lambda zyx, suffix="": ",".join(f"{v:.4f}" for v in voxel_ras(vol.geometry, zyx)) + suffix  # noqa: E731
+    runs = {"segment": ["segment", str(src), "--prompt", "tumour", "--click", ras((5, 8, 9))],
+            "refine": ["refine", str(seg), str(src), "--click", ras((4, 18, 19), ":exclude")]}
+    for command, argv in runs.items():
+        outs = []
+        for where, extra in (("remote", ["--server", server.url, "--token", TOKEN]), ("local", [])):
+            outs.append(tmp_path / f"{command}-{where}.seg.nrrd")
+            assert main([*argv, "-o", str(outs[-1]), "--preset", "tiny", "--device", "cpu", "--modality", "CT",
+                         *extra]) == 0
+        (x, gx, sx), (y, gy, sy) = (read_labelmap(o) for o in outs)
+        assert np.array_equal(x, y) and gx == gy and sx[0].tags["RCMed.clicks"] == sy[0].tags["RCMed.clicks"]
+    assert np.array_equal(x, a)
+    capsys.readouterr()
 
 
 def test_cli_evaluate_with_server(server, tmp_path):

@@ -11,12 +11,12 @@ from .. import __version__
 from .errors import add_exception_handlers
 from .bodies import BodyLimit
 from .models import API
-from .routes import classes, health, images, info, jobs, segment
+from .routes import classes, health, images, info, jobs, refine, segment
 from .settings import ServerSettings
 from .state import ServerState
 
 # Included in this order: it is the order of the paths in the OpenAPI document.
-ROUTERS = (health.router, info.router, images.router, segment.router, jobs.router, classes.router)
+ROUTERS = (health.router, info.router, images.router, refine.router, segment.router, jobs.router, classes.router)
 
 
 def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:

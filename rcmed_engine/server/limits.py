@@ -43,8 +43,6 @@ async def upload_body(request: Request, st: ServerState = Depends(get_state)) ->
 
 def checked_prompts(st: ServerState, req: SegmentRequest) -> list[str]:
     """The request's prompts, within the count and length limits and each readable as targets."""
-    from ..prompts import parse_targets
-
     settings = st.settings
     if (req.prompt is None) == (req.prompts is None):
         raise ApiError(422, "give either prompt or prompts")
@@ -52,14 +50,21 @@ def checked_prompts(st: ServerState, req: SegmentRequest) -> list[str]:
     if len(prompts) > settings.max_prompts:
         raise ApiError(413, f"{len(prompts)} prompts in one request; this server's limit is {settings.max_prompts}")
     for p in prompts:
-        if len(p) > settings.max_prompt_chars:
-            raise ApiError(413, f"the prompt is {len(p)} characters long; this server's limit is "
-                                f"{settings.max_prompt_chars}")
-        try:
-            parse_targets(p)
-        except ValueError as exc:
-            raise ApiError(422, one_line(exc)) from None
+        check_prompt(st, p)
     return prompts
+
+
+def check_prompt(st: ServerState, prompt: str) -> None:
+    """One prompt within the length limit (413) and readable as targets (422)."""
+    from ..prompts import parse_targets
+
+    if len(prompt) > st.settings.max_prompt_chars:
+        raise ApiError(413, f"the prompt is {len(prompt)} characters long; this server's limit is "
+                            f"{st.settings.max_prompt_chars}")
+    try:
+        parse_targets(prompt)
+    except ValueError as exc:
+        raise ApiError(422, one_line(exc)) from None
 
 
 def check_job_slots(st: ServerState) -> None:

@@ -6,7 +6,7 @@ describe them for /v1/openapi.json and validate the request bodies.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -118,6 +118,49 @@ class SegmentRequest(BaseModel):
     job: bool = Field(False, description="always answer with a job, even for one slice")
     idempotency_key: str | None = Field(None, max_length=128,
                                         description="a retried request with the same key returns the same job")
+
+
+Ras = Annotated[list[float], Field(min_length=3, max_length=3, description="R, A, S in mm (patient space)")]
+
+
+class ClickModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ras: Ras
+    label: Literal["include", "exclude"] = "include"
+    target: str | None = Field(None, max_length=500, description="a target of the prompt (default: its first)")
+
+
+class BoxModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    corners_ras: list[Ras] = Field(min_length=2, max_length=2, description="two opposite corners on one slice")
+    target: str | None = Field(None, max_length=500)
+
+
+class PreviousModel(BaseModel):
+    """The result to correct. With targets, axis and slices (a SegmentResult's), a clicked slice outside its
+    slices is segmented first; a bare label map counts as covering every slice."""
+    model_config = ConfigDict(extra="forbid")
+    labels: LabelMapModel
+    geometry: GeometryModel | None = Field(None, description="the label map's geometry (default: the image's); "
+                                                             "another grid than the image's is refused")
+    targets: list[str] | None = Field(None, min_length=1, max_length=255)
+    axis: Axis | None = None
+    slices: list[int] | None = Field(None, min_length=2, max_length=2)
+
+
+class RefineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=100_000, description="the prompt whose mask the clicks correct")
+    clicks: list[ClickModel] = Field(default_factory=list, max_length=256)
+    boxes: list[BoxModel] = Field(default_factory=list, max_length=64)
+    previous: PreviousModel | None = Field(None, description="the result to correct (default: the text's own)")
+    propagate: bool = Field(True, description="carry each correction to the neighbouring slices")
+    modality: str | None = Field(None, max_length=64)
+    axis: Axis = "axial"
+    slices: list[int | None] | None = Field(None, min_length=2, max_length=2,
+                                            description="[A, B): the range segmented and carried in")
+    text: bool = Field(True, description="use the prompt's words (false: clicks alone, for comparison)")
+    codec: Codec = "zstd"
 
 
 class PrepareRequest(BaseModel):

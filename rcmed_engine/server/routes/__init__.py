@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import classes, health, images, info, jobs, segment
+from . import classes, health, images, info, jobs, refine, segment
 
-__all__ = ["classes", "health", "images", "info", "jobs", "segment"]
+__all__ = ["classes", "health", "images", "info", "jobs", "refine", "segment"]
