@@ -44,6 +44,7 @@ CARRY_MARGIN = 0.15
 # gets a confident mask from a box-trained decoder.
 CARRY_MAX_GREY_SD = 2.5
 CARRY_MIN_GREY = 12.0
+REMOVAL_MAX_SHARE = 0.6  # an excluded object may take at most this share of the mask piece it lies on
 TEXT_AGREEMENT = 0.5  # the text's mask joins the candidates where it overlaps the image's this much (IoU)  # the neighbour's box grows by this share of its size on each side (at least 2 pixels)
 
 
@@ -183,29 +184,46 @@ def add_to_slice(model, view: SliceView, mask: np.ndarray, edits: SliceEdits) ->
 
 
 def remove_from_slice(model, view: SliceView, mask: np.ndarray, edits: SliceEdits) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Apply one slice's exclude clicks to ``mask``; returns the new mask and the regions taken away."""
-    out, removed = mask.copy(), []
+    """Apply one slice's exclude clicks to ``mask``; returns the new mask and the removed regions that may be
+    carried (a separate object under the click; not a local cut, which belongs to this slice alone)."""
+    out, carried = mask.copy(), []
     for point in edits.exclude:
         if out[_pixel(point, out.shape)]:
-            region = _removal(model, view, out, point, edits.include)
+            region, separate = _removal(model, view, out, point, edits.include)
             out &= ~region
-            removed.append(region)
-    return out, [r for r in removed if r.any()]
+            if separate and region.any():
+                carried.append(region)
+    return out, carried
 
 
 def _removal(model, view: SliceView, mask: np.ndarray, point: tuple[float, float],
-             keep: list[tuple[float, float]]) -> np.ndarray:
-    """What an exclude click at ``point`` takes away from ``mask``: the object under it (else the mask's
-    piece it lies on), less the pixels nearer one of the ``keep`` (include) clicks than to it."""
-    region = object_at(model, view, point, avoid=keep) & mask
-    if not region.any():
-        region = _component_at(mask, point)
+             keep: list[tuple[float, float]]) -> tuple[np.ndarray, bool]:
+    """What an exclude click at ``point`` takes away from ``mask``, and whether it is an object of its own.
+
+    A piece of the mask that is not its largest and holds no include click goes whole (a separate leak).
+    Otherwise the object the decoder sees under the click goes, when it is a minor part of the piece (a
+    leak the decoder tells apart); when the leak and the target are one object to the decoder, a local cut:
+    the disc inside the mask around the click, as wide as the mask is deep there. Either way, less what
+    lies nearer an include click than the exclude click."""
+    piece = _component_at(mask, point)
+    labels, n = ndi.label(mask)
+    largest = n <= 1 or piece.sum() >= np.bincount(labels.ravel())[1:].max()
+    if not largest and not any(piece[_pixel(k, piece.shape)] for k in keep):
+        return piece, True
+    obj = object_at(model, view, point, avoid=keep) & piece
+    if obj.any() and obj.sum() <= REMOVAL_MAX_SHARE * piece.sum():
+        region, separate = obj, True
+    else:
+        r, c = _pixel(point, mask.shape)
+        depth = ndi.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1][r, c]
+        rows, cols = np.indices(mask.shape)
+        region, separate = piece & ((rows - point[0]) ** 2 + (cols - point[1]) ** 2 <= (1.5 * depth) ** 2), False
     if keep:
         rows, cols = np.indices(mask.shape)
         d_out = (rows - point[0]) ** 2 + (cols - point[1]) ** 2
         d_in = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in keep], axis=0)
         region &= d_out <= d_in
-    return region
+    return region, separate
 
 
 # ------------------------------------------------------------------------------------------ carrying
@@ -259,6 +277,8 @@ def carry_object(model, views: Views, start: np.ndarray, k: int, lo: int, hi: in
             mask = carry(model, views(j, False), previous, grey)
             if mask is not None and within is not None:
                 mask &= within[j]
+                if mask.sum() > REMOVAL_MAX_SHARE * within[j].sum():
+                    break  # no longer a leak beside the target but most of it
             if mask is None or not mask.any():
                 break
             out[j] = mask
