@@ -60,31 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment what a prompt names in an image or volume")
     seg.add_argument("image", help="image file (NIfTI, NRRD, MHA, PNG...) or DICOM folder")
     seg.add_argument("--prompt", required=True, help='what to segment, e.g. "liver" or "liver, spleen and left kidney"')
-    seg.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-    seg.add_argument("--modality", default=None, help="CT, MR, X-ray, US, microscopy... (default: from the file)")
-    seg.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
-                     help="anatomical plane to cut along, in patient space (default axial)")
-    seg.add_argument("--slices", default=None, help="A:B, voxel indices along the cut axis (default all)")
+    _add_result_args(seg, "anatomical plane to cut along, in patient space (default axial)",
+                     "A:B, voxel indices along the cut axis (default all)")
     seg.add_argument("--registry", default=None, help="class registry folder (one-shot adaptation)")
-    seg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
-    _add_click_args(seg)
-    _add_model_args(seg)
-    _add_remote_args(seg)
 
     ref = sub.add_parser("refine", help="correct an earlier result with include/exclude clicks and boxes")
     ref.add_argument("seg_file", help="the result to correct: a .seg.nrrd written by rcmed segment (its prompt is "
                      "in its tags) or a label map on IMAGE's grid (label t for the prompt's target t; give --prompt)")
     ref.add_argument("image", help="the image SEG_FILE was made from")
     ref.add_argument("--prompt", default=None, help="the prompt that made SEG_FILE (default: the one its tags record)")
-    ref.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-    ref.add_argument("--modality", default=None, help="CT, MR, X-ray, US, microscopy... (default: from the file)")
-    ref.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
-                     help="anatomical plane the clicks' slices are cut along (default axial)")
-    ref.add_argument("--slices", default=None, help="A:B, the slices a correction may be carried to (default all)")
-    ref.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
-    _add_click_args(ref)
-    _add_model_args(ref)
-    _add_remote_args(ref)
+    _add_result_args(ref, "anatomical plane the clicks' slices are cut along (default axial)",
+                     "A:B, the slices a correction may be carried to (default all)")
 
     ev = sub.add_parser("evaluate", help="Dice on an nnU-Net v2 raw data set")
     ev.add_argument("dataset", help="folder with dataset.json, imagesTs/labelsTs (or imagesTr/labelsTr)")
@@ -146,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp32"],
                       help="keep each tensor's dtype (default; 16.2 GB), or cast all to bf16 (14.9 GB) or fp32")
     return parser
+
+
+def _add_result_args(p: argparse.ArgumentParser, axis_help: str, slices_help: str) -> None:
+    """What segment and refine share: where the result goes, how the image is cut, clicks, model and server."""
+    p.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
+    p.add_argument("--modality", default=None, help="CT, MR, X-ray, US, microscopy... (default: from the file)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"], help=axis_help)
+    p.add_argument("--slices", default=None, help=slices_help)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
+    _add_click_args(p)
+    _add_model_args(p)
+    _add_remote_args(p)
 
 
 def _add_click_args(p: argparse.ArgumentParser) -> None:

@@ -226,7 +226,7 @@ def test_a_clicked_slice_the_earlier_result_never_reached_is_segmented_first(ora
 
 
 # ------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("case, message", [
+BAD_REFINE = [
     ("outside", "outside the image"),
     ("range", "outside the range"),
     ("zero box", "zero area"),
@@ -235,28 +235,37 @@ def test_a_clicked_slice_the_earlier_result_never_reached_is_segmented_first(ora
     ("geometry", "another grid"),
     ("target", "does not"),
     ("nothing", "nothing to refine"),
-])
-def test_bad_refine_input_is_one_line_and_writes_nothing(case, message, oracle):
-    vol, a, _ = blob_volume()
+]
+
+
+def bad_refine_call(case: str, vol: Volume) -> tuple[list[Click], dict]:
+    """The clicks and keywords of one BAD_REFINE case on ``blob_volume()`` (shared with the server's tests)."""
     g = vol.geometry
     kw: dict = {"text": False}
     clicks = [centre_click(vol, (5, 8, 9))]
+    corner = tuple(voxel_ras(g, (4, 3, 3)))
     if case == "outside":
         clicks = [centre_click(vol, (5, 8, 40))]
     elif case == "range":
         kw["slices"] = (0, 3)
-    elif case == "zero box":
-        clicks, kw["boxes"] = [], [Box(tuple(voxel_ras(g, (4, 3, 3))), tuple(voxel_ras(g, (4, 3, 9))))]
-    elif case == "two-slice box":
-        clicks, kw["boxes"] = [], [Box(tuple(voxel_ras(g, (4, 3, 3))), tuple(voxel_ras(g, (5, 9, 9))))]
+    elif case in ("zero box", "two-slice box"):
+        far = (4, 3, 9) if case == "zero box" else (5, 9, 9)
+        clicks, kw["boxes"] = [], [Box(corner, tuple(voxel_ras(g, far)))]
     elif case == "exclude first":
         clicks = [centre_click(vol, (5, 8, 9), include=False)]
     elif case == "geometry":
-        kw["previous"] = Volume(np.zeros(a.shape, np.uint8), Geometry((0, 0, 1), (1, 1, 1), g.direction))
+        kw["previous"] = Volume(np.zeros(vol.array.shape, np.uint8), Geometry((0, 0, 1), (1, 1, 1), g.direction))
     elif case == "target":
         clicks = [centre_click(vol, (5, 8, 9), target="spleen")]
     elif case == "nothing":
         clicks = []
+    return clicks, kw
+
+
+@pytest.mark.parametrize("case, message", BAD_REFINE)
+def test_bad_refine_input_is_one_line_and_writes_nothing(case, message, oracle):
+    vol, *_ = blob_volume()
+    clicks, kw = bad_refine_call(case, vol)
     before = vol.array.copy()
     with pytest.raises(EngineError, match=message) as info:
         engine().refine(vol, "tumour", clicks, **kw)

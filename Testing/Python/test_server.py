@@ -29,7 +29,7 @@ from rcmed_engine.client import RemoteAuthError, RemoteEngine, RemoteError, Remo
 from rcmed_engine.engine import Cancelled, Engine, EngineError
 from rcmed_engine.geometry import Geometry, Volume
 from rcmed_engine.server import ServerSettings, create_app
-from test_refine import blob_volume, centre_click, oracle, voxel_ras  # noqa: F401 (oracle: the fake decoder fixture)
+from test_refine import BAD_REFINE, bad_refine_call, blob_volume, centre_click, oracle, voxel_ras  # noqa: F401 (oracle: the fake decoder fixture)
 from test_refine import geometry as refine_geometry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -921,32 +921,10 @@ def test_remote_refine_with_the_tiny_decoder_equals_local(remote, local):
     same(remote.refine(volume, "liver and spleen", clicks), local.refine(volume, "liver and spleen", clicks))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("outside", "outside the image"), ("zero box", "zero area"), ("exclude first", "nothing to remove"),
-    ("geometry", "another grid"), ("range", "outside the range"), ("target", "does not"),
-    ("nothing", "nothing to refine"),
-])
+@pytest.mark.parametrize("case, message", [c for c in BAD_REFINE if c[0] != "two-slice box"])
 def test_remote_refine_bad_input_is_the_local_one_line(case, message, oracle, remote, local):
-    from rcmed_engine.clicks import Box
-
-    vol, a, _ = blob_volume()
-    g = vol.geometry
-    kw: dict = {"text": False}
-    clicks = [centre_click(vol, (5, 8, 9))]
-    if case == "outside":
-        clicks = [centre_click(vol, (5, 8, 40))]
-    elif case == "zero box":
-        clicks, kw["boxes"] = [], [Box(tuple(voxel_ras(g, (4, 3, 3))), tuple(voxel_ras(g, (4, 3, 9))))]
-    elif case == "exclude first":
-        clicks = [centre_click(vol, (5, 8, 9), include=False)]
-    elif case == "geometry":
-        kw["previous"] = Volume(np.zeros(a.shape, np.uint8), Geometry((0, 0, 1), (1, 1, 1), g.direction))
-    elif case == "range":
-        kw["slices"] = (0, 3)
-    elif case == "target":
-        clicks = [centre_click(vol, (5, 8, 9), target="spleen")]
-    elif case == "nothing":
-        clicks = []
+    vol, *_ = blob_volume()
+    clicks, kw = bad_refine_call(case, vol)
     with pytest.raises(EngineError, match=message) as remote_error:
         remote.refine(vol, "tumour", clicks, **kw)
     with pytest.raises(EngineError) as local_error:
