@@ -330,7 +330,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     _loading(args)
     engine = _engine(args)
     # The engine compares the earlier result's grid with the image's: another geometry is a one-line error.
-    previous = Volume(np.ascontiguousarray(labels, dtype=np.uint8), geometry, {})
+    previous = _earlier_result(np.ascontiguousarray(labels, dtype=np.uint8), geometry, segments, prompt, args.axis) \
+        or Volume(np.ascontiguousarray(labels, dtype=np.uint8), geometry, {})
     result = _run_refine(args, engine, volume, prompt, clicks, boxes, previous, modality, slices)
     return _write_and_report(out, result, volume)
 
@@ -385,6 +386,27 @@ def _earlier_prompt(given: str | None, labels, segments: list, path: str) -> str
         raise CLIError(f"{path} has label {top}, but the prompt {prompt!r} names {n} target(s) (label t is target t): "
                        "pass --prompt with the prompt that made it")
     return prompt
+
+
+def _earlier_result(labels, geometry, segments: list, prompt: str, axis: str):
+    """SEG_FILE as the SegmentResult it was, when its tags say the axis and slices the text reached (so a click
+    beyond them is segmented first); None when they do not, or the axis differs (every slice then counts)."""
+    import numpy as np
+
+    from .geometry import parse_slice_range
+    from .prompts import parse_targets
+    from .results import SegmentResult
+
+    ranges = {(s.tags.get("RCMed.axis"), s.tags.get("RCMed.slices")) for s in segments}
+    if len(ranges) != 1 or None in next(iter(ranges)) or next(iter(ranges))[0] != axis:
+        return None
+    try:
+        lo, hi = parse_slice_range(next(iter(ranges))[1])
+    except ValueError:
+        return None
+    targets = parse_targets(prompt)
+    return SegmentResult(labels, geometry, targets, np.full((len(targets), 0), np.nan, np.float32), (lo, hi), axis,
+                         "", "", prompt, {}, {})
 
 
 def _run_refine(args: argparse.Namespace, engine, volume, prompt: str, clicks: list, boxes: list, previous,

@@ -54,6 +54,8 @@ class SegmentResult:
         for t, name in enumerate(self.targets):
             scores = self.presence[t][np.isfinite(self.presence[t])]
             tags = dict(self.provenance)
+            # Axis and range say which slices the text reached: `rcmed refine` segments a clicked slice beyond them first.
+            tags.update({"RCMed.axis": self.axis, "RCMed.slices": f"{self.slices[0]}:{self.slices[1]}"})
             tags.update({"RCMed.target": name, "RCMed.presence": f"{float(scores.max()) if scores.size else 0:.4f}",
                          "RCMed.answer": self.answer})
             out.append(SegmentInfo(name=name, label_value=t + 1, color=segment_color(name, t), tags=tags))

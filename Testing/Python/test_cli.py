@@ -299,6 +299,24 @@ def test_refine_corrects_an_earlier_result(blobs, capsys, oracle):
     assert np.array_equal(one, leak_left.astype(np.uint8))
 
 
+def test_refine_segments_a_clicked_slice_the_earlier_run_never_reached(blobs, capsys, oracle, monkeypatch):
+    """`segment --slices 0:3` records its axis and range in the tags; a click on slice 6 is segmented first."""
+    from rcmed_engine.engine import Engine
+
+    vol, a, b, src, out = blobs
+    assert main(["segment", str(src / "blobs.nrrd"), "--prompt", "tumour", "--slices", "0:3", *TINY,
+                 "--modality", "CT", "-o", str(out / "part.seg.nrrd")]) == 0
+    tags = read_labelmap(out / "part.seg.nrrd")[2][0].tags
+    assert tags["RCMed.axis"] == "axial" and tags["RCMed.slices"] == "0:3"
+    calls = []
+    real = Engine.segment
+    monkeypatch.setattr(Engine, "segment", lambda self, *a_, **kw: calls.append(kw.get("slices")) or real(self, *a_, **kw))
+    assert main(["refine", str(out / "part.seg.nrrd"), str(src / "blobs.nrrd"), "--click",
+                 ras_arg(vol.geometry, (6, 8, 9)), "--no-propagate", *TINY, "--modality", "CT",
+                 "-o", str(out / "more.seg.nrrd")]) == 0
+    assert calls == [(6, 7)]
+
+
 def test_refine_a_plain_label_map_with_a_box(blobs, capsys, oracle):
     """A label map without segment names needs --prompt; a negative coordinate may follow --box directly."""
     vol, a, b, src, out = blobs
