@@ -397,3 +397,25 @@ def test_clear_clicks_keeps_the_segment(core, scene):
     assert click_node(s).GetNumberOfControlPoints() == 0 and s.effect.clicksListWidget.count == 0
     np.testing.assert_array_equal(states(core, s)[0], corrected)
     assert len(engine.calls) == 1
+
+
+def test_the_request_binds_to_the_real_engines_refine():
+    """The fake records what refining.run passes; the real Engine.refine must accept exactly that call."""
+    import inspect
+
+    engine_module = pytest.importorskip("rcmed_engine.engine")
+    from RCMedSlicerLib import refining
+    from RCMedSlicerLib import geometry as rgeom
+
+    request = refining.make_request(np.zeros(SHAPE, np.int16), rgeom.geometry_from_ijk_to_ras(np.eye(4)), "liver",
+                                    [Click((1, 2, 3))], np.zeros(SHAPE), "CT", "sagittal")
+    seen = {}
+
+    class Recorder:
+        def refine(self, *args, **kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+
+    refining.run(Recorder(), request, progress=lambda d, t: None, cancel=object())
+    bound = inspect.signature(engine_module.Engine.refine).bind(object(), *seen["args"], **seen["kwargs"])
+    assert bound.arguments["prompt"] == "liver" and bound.arguments["axis"] == "sagittal"
+    assert bound.arguments["previous"] is request.previous and bound.arguments["modality"] == "CT"
