@@ -9,6 +9,7 @@ values and calls these.
 - ``engines``: which engine to use (local preset or folder of weights, or a remote server), creating and caching it
 - ``settings``: persistent user settings (never the token) and the recent-prompts list
 - ``segmenting``: one request (copied voxels + world geometry) -> engine -> one mask per target
+- ``refining``: include / exclude clicks (markups fiducials, world RAS) correcting a segment through ``Engine.refine``
 - ``jobs``: running long work off the main thread with progress and cancel
 - ``batch``: bookkeeping of the headless batch run (what to do, atomic writes, the summary and exit code)
 - ``dependencies``: which Python packages each install profile needs, and which are missing
@@ -16,4 +17,4 @@ values and calls these.
 - ``testdata``: the self-test's small oblique volume
 """
 
-__all__ = ["geometry", "engines", "settings", "segmenting", "jobs", "batch", "dependencies", "terminology", "testdata"]
+__all__ = ["geometry", "engines", "settings", "segmenting", "refining", "jobs", "batch", "dependencies", "terminology", "testdata"]

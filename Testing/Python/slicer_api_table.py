@@ -72,6 +72,23 @@ EFFECT_ADAPTOR = {
     "selectedSegmentLabelmap": [],
     "saveStateForUndo": [],
     "modifySelectedSegmentByLabelmap": ["modifierLabelmap", "modificationMode", "extent", "bypassMasking"],
+    "viewNode": ["viewWidget"],  # static Q_INVOKABLE
+    "xyToRas": ["xy", "sliceWidget"],  # static Q_INVOKABLE, the (QPoint, qMRMLSliceWidget*) overload
+}
+
+# Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/AbstractScriptedSegmentEditorEffect.py:
+# the Python base class of scripted effects (the methods the RCMed effect inherits and calls), and the
+# hooks the C++ adaptor calls on the effect (qSlicerSegmentEditorScriptedEffect.cxx passes them positionally).
+ABSTRACT_SCRIPTED_EFFECT = {
+    "__init__": ["scriptedEffect"],
+    "register": [],
+    "cleanup": [],
+    "xyToRas": ["xy", "viewWidget"],
+}
+EFFECT_HOOKS = {
+    "processInteractionEvents": ["callerInteractor", "eventId", "viewWidget"],
+    "activate": [],
+    "deactivate": [],
 }
 
 

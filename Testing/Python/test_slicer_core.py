@@ -233,6 +233,8 @@ ADAPTOR_SIGNATURES = {
     "selectedSegmentLabelmap": [],
     "saveStateForUndo": [],
     "modifySelectedSegmentByLabelmap": ["modifierLabelmap", "modificationMode", "extent", "bypassMasking"],
+    "viewNode": ["viewWidget"],
+    "xyToRas": ["xy", "sliceWidget"],
 }
 
 
@@ -242,6 +244,16 @@ def test_adaptor_signatures_follow_slicer_source():
     assert ADAPTOR_SIGNATURES == T.EFFECT_ADAPTOR
     for name, params in ADAPTOR_SIGNATURES.items():
         assert signature_names(getattr(glue.CoreScriptedEffect, name)) == params, name
+
+
+def test_effect_base_class_and_hooks_follow_slicer_source(core):
+    """The stand-in base class (AbstractScriptedSegmentEditorEffect.py) and the hooks the RCMed effect offers the
+    adaptor have the parameters Slicer's source gives them."""
+    import SegmentEditorEffects
+    import slicer_api_table as T
+
+    assert T.mismatches(SegmentEditorEffects.AbstractScriptedSegmentEditorEffect, T.ABSTRACT_SCRIPTED_EFFECT) == {}
+    assert T.mismatches(core.effectModule.SegmentEditorEffect, T.EFFECT_HOOKS) == {}
 
 
 def test_signature_table_matches_slicer_cores_own_util(core):
@@ -254,22 +266,33 @@ def test_signature_table_matches_slicer_cores_own_util(core):
 # Every MRML / logic method the module, effect and batch script call (docs/slicer-api.md), on the real classes.
 CORE_CALLS = {
     "vtkMRMLScene": ["AddNewNodeByClass", "GetFirstNodeByClass", "GetNodeByID", "Clear", "StartCloseEvent",
-                     "EndCloseEvent"],
+                     "EndCloseEvent", "GetNodesByClass"],
     "vtkMRMLScalarVolumeNode": ["GetIJKToRASMatrix", "GetImageData", "GetTransformNodeID", "GetParentTransformNode",
                                 "GetName", "GetID", "GetScene", "SetIJKToRASMatrix", "CreateDefaultDisplayNodes"],
     "vtkMRMLLinearTransformNode": ["IsTransformToWorldLinear", "GetMatrixTransformToWorld"],
-    "vtkMRMLSliceNode": ["GetSliceToRAS", "GetOrientation", "JumpSliceByCentering", "SetOrientation"],
+    "vtkMRMLSliceNode": ["GetSliceToRAS", "GetOrientation", "JumpSliceByCentering", "SetOrientation", "GetXYToRAS"],
     "vtkMRMLSegmentationNode": ["GetReferenceImageGeometryReferenceRole",
                                 "SetReferenceImageGeometryParameterFromVolumeNode", "CreateDefaultDisplayNodes",
                                 "SetAndObserveTransformNodeID", "GetSegmentation", "StartModify", "EndModify",
                                 "SetNodeReferenceID", "GetNodeReference", "SetName"],
     "vtkSegmentation": ["GetSegmentIdBySegmentName", "AddEmptySegment", "GetSegment", "GetNumberOfSegments"],
-    "vtkSegment": ["SetColor", "SetTag", "GetTerminologyEntryTagName"],
+    "vtkSegment": ["SetColor", "SetTag", "GetTerminologyEntryTagName", "GetName", "GetColor"],
     "vtkSlicerSegmentationsModuleLogic": ["SetBinaryLabelmapToSegment", "MODE_REPLACE", "MODE_MERGE_MIN",
                                           "MODE_MERGE_MASK"],
     "vtkOrientedImageData": ["SetImageToWorldMatrix", "GetImageToWorldMatrix", "SetExtent", "AllocateScalars",
                              "GetExtent"],
     "vtkMRMLSegmentEditorNode": ["GetSegmentationNode", "GetSelectedSegmentID", "SetSelectedSegmentID"],
+    "vtkMRMLMarkupsFiducialNode": ["AddControlPointWorld", "GetNthControlPointPositionWorld",
+                                   "GetNthControlPointPositionStatus", "PositionDefined",
+                                   "GetNthControlPointDescription", "SetNthControlPointDescription",
+                                   "GetNthControlPointLabel", "GetNumberOfControlPoints", "RemoveAllControlPoints",
+                                   "SetAttribute", "GetAttribute", "CreateDefaultDisplayNodes", "GetDisplayNode",
+                                   "PointAddedEvent", "PointModifiedEvent", "PointRemovedEvent",
+                                   "PointStartInteractionEvent", "PointEndInteractionEvent", "TransformModifiedEvent",
+                                   "AddObserver", "RemoveObserver"],
+    "vtkMRMLMarkupsDisplayNode": ["SetSelectedColor"],
+    "vtkSlicerSegmentEditorLogic": ["XyzToRas"],
+
     "vtkSlicerTerminologiesModuleLogic": ["DeserializeTerminologyEntry", "SerializeTerminologyEntry",
                                           "GetNumberOfTypesInTerminologyCategory", "GetNthTypeInTerminologyCategory",
                                           "GetNumberOfTypeModifiersInTerminologyType",

@@ -33,7 +33,7 @@ def test_lib_never_imports_slicer_qt_vtk_or_torch():
     code = ("import sys; sys.path.insert(0, %r)\n"
             "import RCMedSlicerLib.geometry, RCMedSlicerLib.engines, RCMedSlicerLib.settings, RCMedSlicerLib.jobs\n"
             "import RCMedSlicerLib.batch, RCMedSlicerLib.dependencies, RCMedSlicerLib.terminology\n"
-            "import RCMedSlicerLib.segmenting\n"
+            "import RCMedSlicerLib.segmenting, RCMedSlicerLib.refining\n"
             "bad = [m for m in ('slicer', 'qt', 'ctk', 'vtk', 'torch', 'PySide6') if m in sys.modules]\n"
             "print(','.join(bad))\n" % str(MODULE_DIR))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -794,4 +794,7 @@ def test_stand_in_signatures_follow_slicer_source(env):
     # the stand-in adaptor takes the C++ overloads of modifySelectedSegmentByLabelmap as *args
     table = {k: v for k, v in T.EFFECT_ADAPTOR.items() if k != "modifySelectedSegmentByLabelmap"}
     assert T.mismatches(adaptor, table) == {}
+    import SegmentEditorEffects
+
+    assert T.mismatches(SegmentEditorEffects.AbstractScriptedSegmentEditorEffect, T.ABSTRACT_SCRIPTED_EFFECT) == {}
     assert not hasattr(env.slicer, "pydeps")  # no Slicer release has slicer.pydeps

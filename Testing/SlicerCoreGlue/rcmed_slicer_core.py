@@ -117,6 +117,26 @@ class CoreScriptedEffect:
     def saveStateForUndo(self):
         self._logic.SaveStateForUndo()
 
+    # views: what qSlicerSegmentEditorAbstractEffect does with a qMRMLSliceWidget, on the real slice node
+    @staticmethod
+    def viewNode(viewWidget):
+        """qSlicerSegmentEditorAbstractEffect::viewNode: a slice widget's sliceLogic()->GetSliceNode()."""
+        if viewWidget is None:
+            return None
+        return viewWidget.sliceLogic().GetSliceNode()
+
+    @staticmethod
+    def xyToRas(xy, sliceWidget):
+        """qSlicerSegmentEditorAbstractEffect::xyToRas(QPoint, qMRMLSliceWidget*): (x, y, 0) through the real
+        vtkSlicerSegmentEditorLogic::XyzToRas on the widget's slice node, as a QVector3D."""
+        import qt
+        import slicer
+
+        ras = [0.0, 0.0, 0.0]
+        slicer.vtkSlicerSegmentEditorLogic.XyzToRas([float(xy.x()), float(xy.y()), 0.0], ras,
+                                                   CoreScriptedEffect.viewNode(sliceWidget))
+        return qt.QVector3D(*ras)
+
     def _mode(self, value):
         """qSlicerSegmentEditorAbstractEffect::ModificationMode -> vtkSlicerSegmentEditorLogic::ModificationMode."""
         name = {v: k for k, v in ABSTRACT_EFFECT_MODES.items()}[int(value)]
@@ -218,6 +238,25 @@ def add_slice_node(env, name="Red"):
         env.slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(env.scene)
     env.scene.AddNode(node)
     return node
+
+
+class SliceWidget:
+    """What the effect touches of a qMRMLSliceWidget (a Qt widget, absent from slicer-core): PythonQt's
+    ``className()`` and ``sliceLogic()`` (a real vtkMRMLSliceLogic on a real slice node)."""
+
+    def __init__(self, env, sliceNode):
+        self._logic = env.slicer.vtkMRMLSliceLogic()
+        self._logic.SetMRMLScene(env.scene)
+        self._logic.SetSliceNode(sliceNode)
+
+    def className(self):
+        return "qMRMLSliceWidget"
+
+    def sliceLogic(self):
+        return self._logic
+
+    def mrmlSliceNode(self):
+        return self._logic.GetSliceNode()
 
 
 def qt_application():

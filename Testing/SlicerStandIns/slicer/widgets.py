@@ -496,6 +496,18 @@ class qSlicerSegmentEditorScriptedEffect(PythonQtMixin, qSlicerSegmentEditorAbst
         if self._editor is not None:
             self._editor.saveStateForUndo()
 
+    # -- views (qSlicerSegmentEditorAbstractEffect::viewNode / xyToRas, static in Slicer)
+    @staticmethod
+    def viewNode(viewWidget):
+        return None if viewWidget is None else viewWidget.sliceLogic().GetSliceNode()
+
+    @staticmethod
+    def xyToRas(xy, sliceWidget):
+        """(x, y, 0, 1) through the slice node's XYToRAS, as vtkSlicerSegmentEditorLogic::XyzToRas does."""
+        m = qSlicerSegmentEditorScriptedEffect.viewNode(sliceWidget).GetXYToRAS()
+        ras = m.MultiplyPoint([float(xy.x()), float(xy.y()), 0.0, 1.0])
+        return qt.QVector3D(ras[0], ras[1], ras[2])
+
     # -- misc adaptor API
     def cursor(self):
         return qt.QCursor()
