@@ -278,10 +278,8 @@ def target_sentences(result) -> list[str]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .geometry import parse_slice_range
-    from .io import OUTPUT_SUFFIXES, read_image
+    from .io import OUTPUT_SUFFIXES
     from .prompts import parse_targets
 
     registry = _registry_arg(args)
@@ -289,12 +287,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     parse_targets(args.prompt)  # a bad prompt fails before the model loads
     clicks, boxes = _clicks_arg(args)
     slices = parse_slice_range(args.slices)
-    volume = read_image(args.image)
-    _check_clicks_inside(clicks, boxes, volume, args.axis)
-    _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
-    modality = _modality(args, volume)
-    _loading(args)
-    engine = _engine(args)
+    volume, modality, engine = _image_and_engine(args, out, clicks, boxes)
     if clicks or boxes:
         if registry and hasattr(engine, "use_registry"):
             engine.use_registry(registry)  # refine's own text pass then uses it
@@ -309,12 +302,27 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return _write_and_report(out, result, volume)
 
 
+def _image_and_engine(args: argparse.Namespace, out, clicks: list, boxes: list):
+    """The image, its modality and the engine, with every check that needs the image done before the model
+    loads: clicks inside it, room for the output."""
+    import numpy as np
+
+    from .io import read_image
+
+    volume = read_image(args.image)
+    _check_clicks_inside(clicks, boxes, volume, args.axis)
+    _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
+    modality = _modality(args, volume)
+    _loading(args)
+    return volume, modality, _engine(args)
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
     """Correct an earlier result (SEG_FILE) of IMAGE with clicks and boxes; written as segment writes."""
     import numpy as np
 
     from .geometry import Volume, parse_slice_range
-    from .io import OUTPUT_SUFFIXES, read_image, read_labelmap
+    from .io import OUTPUT_SUFFIXES, read_labelmap
 
     out = _check_output(args.output, OUTPUT_SUFFIXES, args.overwrite)
     clicks, boxes = _clicks_arg(args)
@@ -323,12 +331,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     slices = parse_slice_range(args.slices)
     labels, geometry, segments = read_labelmap(args.seg_file)
     prompt = _earlier_prompt(args.prompt, labels, segments, args.seg_file)
-    volume = read_image(args.image)
-    _check_clicks_inside(clicks, boxes, volume, args.axis)
-    _check_room(out.parent, int(np.prod(volume.array.shape[:3])) + (1 << 20))
-    modality = _modality(args, volume)
-    _loading(args)
-    engine = _engine(args)
+    volume, modality, engine = _image_and_engine(args, out, clicks, boxes)
     # The engine compares the earlier result's grid with the image's: another geometry is a one-line error.
     previous = _earlier_result(np.ascontiguousarray(labels, dtype=np.uint8), geometry, segments, prompt, args.axis) \
         or Volume(np.ascontiguousarray(labels, dtype=np.uint8), geometry, {})

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "Testing" / "SlicerCoreGlue"))
 sys.path.insert(0, str(ROOT / "RCMedSlicer"))
 import rcmed_slicer_core as glue  # noqa: E402
-from rotations import rotation  # noqa: E402
+from rotations import rotation, vtk_matrix  # noqa: E402
+from test_slicer_core import scene  # noqa: E402,F401 (fixture: the scene of this module's core, cleared)
 
 from rcmed_engine.clicks import Click, ras_to_stack  # noqa: E402
 from rcmed_engine.geometry import slice_frame  # noqa: E402
@@ -114,19 +115,6 @@ def core():
     yield env
     env.stop()
 
-
-@pytest.fixture
-def scene(core):
-    core.scene.Clear(0)
-    return core.scene
-
-
-def vtk_matrix(a):
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(a[r][c]))
-    return m
 
 
 def add_transform(core, matrix, name="T"):
