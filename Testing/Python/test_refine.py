@@ -24,9 +24,7 @@ from rotations import rotation
 _RAS = np.array([-1.0, -1.0, 1.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for the module
 
 
 def geometry(angle: float = 0.0, axis=(1, 2, 3), flip=(1, 1, 1), spacing=(0.8, 1.1, 2.5)) -> Geometry:
@@ -273,6 +271,7 @@ def test_bad_refine_input_is_one_line_and_writes_nothing(case, message, oracle):
 
 
 # ------------------------------------------------------------------------------------------ the real decoder
+@pytest.mark.lite
 def test_the_lite_decoder_segments_a_clicked_object_through_the_volume():
     """The shipped `lite` weights, clicks alone: one click at an ellipsoid's centre gives most of it."""
     shape = (9, 48, 48)
