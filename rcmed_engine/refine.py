@@ -148,14 +148,30 @@ def object_at(model, view: SliceView, point: tuple[float, float],
                       for mm in CLICK_BOX_MM])
     boxes = np.clip(boxes, 0, [H - 1, W - 1, H - 1, W - 1])
     best: Candidate | None = None
+    fallback: Candidate | None = None  # the best object that holds an ``avoid`` point too
     for mask, score, box in _candidates(model, view, boxes):
         obj = _component_at(mask, point)
-        if not obj.any() or any(obj[_pixel(a, obj.shape)] for a in avoid):
+        if not obj.any():
             continue
         score -= EDGE_PENALTY * _touches_edge(obj, box)
-        if best is None or score > best.score:
+        holds_avoid = any(obj[_pixel(a, obj.shape)] for a in avoid)
+        if holds_avoid and (fallback is None or score > fallback.score):
+            fallback = Candidate(obj, score)
+        if not holds_avoid and (best is None or score > best.score):
             best = Candidate(obj, score)
+    if best is None and fallback is not None:
+        # Where the decoder cannot tell the two clicks' objects apart, the line half-way between them does.
+        return fallback.mask & nearer(fallback.mask.shape, point, avoid)
     return best.mask if best is not None else np.zeros((H, W), bool)
+
+
+def nearer(shape: tuple[int, ...], point: tuple[float, float], others: list[tuple[float, float]]) -> np.ndarray:
+    """(H, W) bool: the pixels at least as near ``point`` as any of ``others`` (all of them without others)."""
+    if not others:
+        return np.ones(shape, bool)
+    rows, cols = np.indices(shape)
+    d_point = (rows - point[0]) ** 2 + (cols - point[1]) ** 2
+    return d_point <= np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in others], axis=0)
 
 
 def object_in_box(model, view: SliceView, box: tuple[float, float, float, float]) -> np.ndarray:
@@ -218,12 +234,7 @@ def _removal(model, view: SliceView, mask: np.ndarray, point: tuple[float, float
         depth = ndi.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1][r, c]
         rows, cols = np.indices(mask.shape)
         region, separate = piece & ((rows - point[0]) ** 2 + (cols - point[1]) ** 2 <= (1.5 * depth) ** 2), False
-    if keep:
-        rows, cols = np.indices(mask.shape)
-        d_out = (rows - point[0]) ** 2 + (cols - point[1]) ** 2
-        d_in = np.min([(rows - r) ** 2 + (cols - c) ** 2 for r, c in keep], axis=0)
-        region &= d_out <= d_in
-    return region, separate
+    return region & nearer(mask.shape, point, keep), separate
 
 
 # ------------------------------------------------------------------------------------------ carrying

@@ -181,6 +181,17 @@ def test_an_exclude_click_removes_a_leak_and_the_rest_stays(oracle):
     assert np.array_equal(got, a)
 
 
+def test_include_and_exclude_on_one_object_split_it_half_way(oracle):
+    """Where the decoder sees one object under both clicks, the include keeps its half (nearer to it)."""
+    vol, a, _ = blob_volume()
+    inc, exc = (5, 8, 7), (5, 8, 12)  # A spans columns 6..13 on rows 5..11
+    got = engine().refine(vol, "tumour", [centre_click(vol, inc), centre_click(vol, exc, include=False)],
+                          propagate=False, text=False).mask(0)
+    cols = np.arange(a.shape[2])
+    half = a[5] & (np.abs(cols - 7) <= np.abs(cols - 12))[None, :]
+    assert np.array_equal(got[5], half) and not got[np.arange(12) != 5].any()
+
+
 def test_other_labels_and_untouched_slices_are_kept(oracle):
     vol, a, b = blob_volume()
     earlier = np.zeros(a.shape, np.uint8)
