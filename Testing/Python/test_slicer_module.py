@@ -1,12 +1,17 @@
-"""The RCMed Slicer module and Segment Editor effect under pytest, with the STAND-INS for ``slicer``, ``qt`` and
-``ctk`` from Testing/SlicerStandIns (PySide6 offscreen for Qt, the real ``vtk`` wheel). They are put on
-sys.path only inside the ``env`` fixture and removed afterwards, so no other test sees a fake ``slicer``.
+"""The RCMed Slicer module and Segment Editor effect under pytest, on slicer-core: Slicer's REAL MRML scene,
+volume / segmentation / transform / slice / segment editor nodes, vtkSlicerSegmentationsModuleLogic,
+vtkSlicerSegmentEditorLogic (the editor's masking, overwrite, undo and redo), the terminology logic and Slicer's
+own ``slicer.util`` array helpers (Testing/SlicerCoreGlue). Stand-ins only for what the core lacks: the Qt
+application and widgets (``qt`` / ``ctk`` on PySide6 offscreen, qMRMLNodeComboBox, the scripted-module loader,
+Slicer's dialogs, ``slicer.packaging``), the Segment Editor widget and the scripted-effect adaptor, which hand
+every segment modification and undo to the real vtkSlicerSegmentEditorLogic.
 
 Covered: the panel is built from its .ui and bound to its parameter node; a prompt runs on the ``tiny`` engine
 off the main thread and lands in a segment named after the target; every segment voxel is checked in RAS on
 oblique/flipped volumes under parent transforms; slice views pick the axis; Cancel; the effect honours the
 editable area and overwrite settings with one undo state per Apply; "Learn from this slice"; dependency
-installation with consent; the headless batch script; the Slicer self-test.
+installation with consent; the headless batch script (Slicer's own volume reader and segmentation writer); the
+Slicer self-test, unpatched.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import pytest
 from rotations import rotation, vtk_matrix
 
 ROOT = Path(__file__).resolve().parents[2]
-STANDINS = ROOT / "Testing" / "SlicerStandIns"
 MODULE_DIR = ROOT / "RCMedSlicer"
-# Top-level names the stand-ins (and the module under test) bring; purged after this file's tests.
-_PURGE = ("slicer", "qt", "ctk", "SegmentEditorEffects", "qSlicerSegmentationsEditorEffectsPythonQt",
-          "vtkSegmentationCorePython", "RCMedSlicer", "PyTorchUtils", "rcmed_batch_script")
+sys.path.insert(0, str(ROOT / "Testing" / "SlicerCoreGlue"))
+import rcmed_slicer_core as glue  # noqa: E402
+
+vtk = pytest.importorskip("vtk")
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -36,36 +41,37 @@ _PURGE = ("slicer", "qt", "ctk", "SegmentEditorEffects", "qSlicerSegmentationsEd
 def env(tmp_path_factory):
     saved_platform = os.environ.get("QT_QPA_PLATFORM")
     os.environ["QT_QPA_PLATFORM"] = "offscreen"
-    saved_path = list(sys.path)
-    sys.path[:0] = [str(STANDINS), str(MODULE_DIR)]
+    core = glue.start()
     import qt
     from PySide6 import QtCore
 
-    app = qt.QApplication.instance() or qt.QApplication(["pytest"])
+    app = glue.qt_application()
     QtCore.QCoreApplication.setOrganizationName("RCMedStandInTests")
     QtCore.QCoreApplication.setApplicationName("RCMedStandInTests")
     QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
     QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope,
                              str(tmp_path_factory.mktemp("qsettings")))
-    import slicer
-
-    assert getattr(slicer, "STANDIN", False), "the stand-in slicer must be the one imported here"
+    slicer = core.slicer
+    assert not getattr(slicer, "STANDIN", False) and hasattr(slicer, "vtkSlicerSegmentEditorLogic")
+    slicer.app.testing = False  # as Slicer without --testing
     module = slicer.qSlicerScriptedLoadableModule(str(MODULE_DIR / "RCMedSlicer.py"))
     slicer.app.emitStartupCompleted()  # Slicer's start-up signal: the module registers its effect
     from RCMedSlicerLib import engines, settings
 
     yield SimpleNamespace(slicer=slicer, qt=qt, app=app, module=module, engines=engines, settings=settings,
-                          RCMedSlicer=sys.modules["RCMedSlicer"])
-    engines.SHARED_CACHE.clear()
-    slicer.qSlicerSegmentEditorEffectFactory.instance().reset()
-    for name in list(sys.modules):
-        if name.split(".")[0] in _PURGE or name.startswith("_standin_effect"):
-            del sys.modules[name]
-    sys.path[:] = saved_path
+                          RCMedSlicer=sys.modules["RCMedSlicer"], core=core)
+    core.stop()
     if saved_platform is None:
         os.environ.pop("QT_QPA_PLATFORM", None)
     else:
         os.environ["QT_QPA_PLATFORM"] = saved_platform
+
+
+def fresh_scene(env):
+    """An empty real scene with the three slice views' nodes, as Slicer's layout creates them."""
+    env.slicer.mrmlScene.Clear(1)
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        glue.add_slice_node(env.core, name).SetOrientation(orientation)
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +86,12 @@ TINY_SPEC_KW = dict(mode="local", preset="tiny", device="cpu")
 
 @pytest.fixture
 def scene(env):
-    env.slicer.mrmlScene.Clear()
+    fresh_scene(env)
     env.slicer.util.displayLog.clear()
     env.slicer.util.confirmAnswer = True
     env.RCMedSlicer.RCMedSlicerLogic.saveSettings(env.settings.Settings(preset="tiny", device="cpu"))
     yield env.slicer.mrmlScene
-    env.slicer.mrmlScene.Clear()
+    env.slicer.mrmlScene.Clear(1)
 
 
 def use_engine(env, engine):
@@ -127,7 +133,8 @@ def add_volume(env, array, directions=OBLIQUE_FLIPPED, spacing=(0.9, 0.8, 2.0), 
     slicer = env.slicer
     v = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     slicer.util.updateVolumeFromArray(v, array)
-    v.SetIJKToRASDirections(np.asarray(directions).tolist())
+    v.SetIJKToRASDirectionMatrix(vtk_matrix(np.block([[np.asarray(directions), np.zeros((3, 1))],
+                                                      [np.zeros((1, 3)), np.ones((1, 1))]])))
     v.SetSpacing(*spacing)
     v.SetOrigin(*origin)
     v.CreateDefaultDisplayNodes()
@@ -136,18 +143,20 @@ def add_volume(env, array, directions=OBLIQUE_FLIPPED, spacing=(0.9, 0.8, 2.0), 
     return v
 
 
+def as_numpy(m):
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
 def world_matrix(env, node):
     """IJK -> world RAS through the node's parent transforms (computed here independently of the module)."""
-    import vtk
-
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    out = env.slicer.mrml.matrix_to_numpy(m)
+    out = as_numpy(m)
     t = node.GetParentTransformNode()
     if t is not None:
         w = vtk.vtkMatrix4x4()
-        t.GetMatrixTransformToWorld(w)
-        out = env.slicer.mrml.matrix_to_numpy(w) @ out
+        assert t.GetMatrixTransformToWorld(w)
+        out = as_numpy(w) @ out
     return out
 
 
@@ -161,20 +170,18 @@ def segment_world_points(env, segmentation, segment_id):
     """World RAS of every voxel of a segment, from the segment's own labelmap (Slicer API:
     GetBinaryLabelmapRepresentation -> vtkOrientedImageData in segmentation coordinates) and the
     segmentation's parent transform."""
-    import vtk
-
     slicer = env.slicer
     image = slicer.vtkOrientedImageData()
     assert segmentation.GetBinaryLabelmapRepresentation(segment_id, image)
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
     ext = image.GetExtent()
-    to_world = slicer.mrml.matrix_to_numpy(m)
+    to_world = as_numpy(m)
     t = segmentation.GetParentTransformNode()
     if t is not None:
         w = vtk.vtkMatrix4x4()
-        t.GetMatrixTransformToWorld(w)
-        to_world = slicer.mrml.matrix_to_numpy(w) @ to_world
+        assert t.GetMatrixTransformToWorld(w)
+        to_world = as_numpy(w) @ to_world
     arr = env.RCMedSlicer.arrayFromOrientedImage(image)
     zyx = np.argwhere(arr > 0) + [ext[4], ext[2], ext[0]]
     return voxel_ras(to_world, zyx)
@@ -331,8 +338,6 @@ def test_prompt_on_tiny_engine_lands_on_the_right_voxels_in_ras(env, scene, tiny
     # named and coloured through the terminology; provenance and the answer as tags
     assert segment.GetName() == "liver"
     assert segment.GetColor() == pytest.approx((221 / 255, 130 / 255, 101 / 255))
-    import vtk
-
     tag = vtk.reference("")
     assert segment.GetTag(segment.GetTerminologyEntryTagName(), tag) and "SCT^10200004^Liver" in tag.get()
     assert segment.GetTag("RCMed.preset", tag) and tag.get() == "tiny"
@@ -571,9 +576,26 @@ def editor_with(env, volume):
     editor.setMRMLSegmentEditorNode(node)
     seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Seg")
     seg.CreateDefaultDisplayNodes()
+    # under the volume's parent transform, as one transforms a volume with its segmentation in Slicer: the reference
+    # geometry (SetReferenceImageGeometryParameterFromVolumeNode) is the volume's lattice in the volume's own
+    # coordinates, so only then are segment voxels the volume's voxels. A segmentation under another transform is
+    # tested through the module (test_sphere_in_ras_on_oblique_flipped_volume[True]).
+    seg.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
     editor.setSegmentationNode(seg)
     editor.setSourceVolumeNode(volume)
     return editor, node, seg
+
+
+def set_segment(env, mask, segmentation, segment_id, volume):
+    """Slicer's updateSegmentBinaryLabelmapFromArray, checked to read back the same voxels on the volume."""
+    env.slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, volume)
+    got = env.slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+    np.testing.assert_array_equal(got > 0, mask > 0)
+
+
+def editor_logic(editor):
+    """The real vtkSlicerSegmentEditorLogic behind the Segment Editor widget (it keeps the undo states)."""
+    return editor._logic
 
 
 def effect_on_axial_slice(env, editor, seg, volume, name, mask, voxel):
@@ -604,7 +626,7 @@ def test_effect_apply_honours_editable_area_overwrite_and_undo(env, scene):
     region_mask = np.zeros(shape, np.uint8)
     region_mask[:, :, :7] = 1
     for sid, m in ((other, other_mask), (region, region_mask)):
-        slicer.util.updateSegmentBinaryLabelmapFromArray(m, seg, sid, volume)
+        set_segment(env, m, seg, sid, volume)
     editor.setCurrentSegmentID(target)
     editor.setActiveEffectByName("RCMed")
     effect = editor.activeEffect().self()
@@ -612,31 +634,34 @@ def test_effect_apply_honours_editable_area_overwrite_and_undo(env, scene):
     effect.promptComboBox.setEditText("liver")
     effect.scopeComboBox.currentIndex = 1  # whole volume
     # editable area: inside "region" only; overwrite: all other segments
-    node.SetMaskMode(node.PaintAllowedInsideSingleSegment)
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
     node.SetMaskSegmentID(region)
     node.SetOverwriteMode(node.OverwriteAllSegments)
-    undo_before = editor.undoStatesCount()
+    logic = editor_logic(editor)
+    assert not logic.CanUndo()  # a new editor: no undo state yet
     effect.applyButton.click()
     wait_until(env, lambda: not effect.poller.running)
     assert "liver" in effect.statusLabel.text and "presence 0.93" in effect.statusLabel.text
     assert engine.calls[-1]["slices"] is None
-    assert editor.undoStatesCount() == undo_before + 1  # one undo state per Apply
+    assert logic.CanUndo() and not logic.CanRedo()
     found = array > 500
     got = slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool)
     np.testing.assert_array_equal(got, found & region_mask.astype(bool))
     got_other = slicer.util.arrayFromSegmentBinaryLabelmap(seg, other, volume).astype(bool)
     np.testing.assert_array_equal(got_other, other_mask.astype(bool) & ~got)  # overwritten where target grew
     assert node.GetAttribute("RCMed.Prompt") == "liver"
-    # Undo brings both segments back; redo re-applies
+    # Undo brings both segments back; it was the only undo state (one per Apply); redo re-applies
     editor.undo()
     assert not slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).any()
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, other, volume), other_mask)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, region, volume), region_mask)
+    assert not logic.CanUndo() and logic.CanRedo()
     editor.redo()
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool), got)
     # "Allow overlap": the other segment keeps its voxels; editable everywhere
     editor.undo()
     node.SetOverwriteMode(node.OverwriteNone)
-    node.SetMaskMode(node.PaintAllowedEverywhere)
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
     effect.applyButton.click()
     wait_until(env, lambda: not effect.poller.running)
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, target, volume).astype(bool), found)
@@ -773,7 +798,10 @@ def test_headless_batch(env, scene, tiny, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------- Slicer self-test
-def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
+def test_slicer_self_test_runs_as_in_slicer(env, scene, tiny):
+    """RCMedSlicerTest.runTest as Developer Tools > Self Tests runs it, nothing patched: its own Segment Editor
+    widget, slicer.util.loadVolume (Slicer's archetype volume reader) and the layout's Red slice node.
+    test_slicer_core.py runs it with the editor replaced by the bare node and logic."""
     use_engine(env, tiny)
     env.slicer.util.displayLog.clear()
     env.slicer.selfTests["RCMedSlicer"]()
@@ -784,16 +812,17 @@ def test_slicer_self_test_runs_on_the_stand_ins(env, scene, tiny):
 
 # ------------------------------------------------------------------------------ stand-ins against Slicer's source
 def test_stand_in_signatures_follow_slicer_source(env):
-    """Each stand-in function the extension calls has the parameters Slicer's source gives it (slicer_api_table)."""
+    """Each function the extension calls, stand-in or slicer-core's own, has the parameters Slicer's source gives
+    it (slicer_api_table): slicer.util (Slicer's util.py with the Qt dialogs, .ui loading, pip and exit replaced),
+    slicer.packaging, ScriptedLoadableModule, the Segment Editor's effect adaptor and the effect base class."""
     import slicer_api_table as T
 
     assert T.mismatches(env.slicer.util, T.SLICER_UTIL) == {}
     assert T.mismatches(env.slicer.packaging, T.SLICER_PACKAGING) == {}
     assert T.mismatches(env.slicer.ScriptedLoadableModule, T.SCRIPTED_LOADABLE_MODULE) == {}
-    adaptor = env.slicer.qSlicerSegmentEditorScriptedEffect
-    # the stand-in adaptor takes the C++ overloads of modifySelectedSegmentByLabelmap as *args
-    table = {k: v for k, v in T.EFFECT_ADAPTOR.items() if k != "modifySelectedSegmentByLabelmap"}
-    assert T.mismatches(adaptor, table) == {}
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+    assert T.mismatches(effects.qSlicerSegmentEditorScriptedEffect, T.EFFECT_ADAPTOR) == {}
     import SegmentEditorEffects
 
     assert T.mismatches(SegmentEditorEffects.AbstractScriptedSegmentEditorEffect, T.ABSTRACT_SCRIPTED_EFFECT) == {}

@@ -6,7 +6,11 @@ own ``slicer.util``. The core has no Qt application and no widgets, so only thes
 start-up: ``slicer.mrmlScene`` with the Segmentations module's node classes and converter rules registered
 (vtkSlicerSegmentationsModuleLogic::RegisterNodes), ``slicer.modules.<name>.logic()`` for the two logics used,
 a minimal ``slicer.app``, and from Testing/SlicerStandIns the Python glue the core lacks: ``qt`` / ``ctk``
-(PySide6), ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``, ``SegmentEditorEffects``.
+(PySide6), the Qt widgets (``slicer.widgets``: qMRMLNodeComboBox, the scripted-module loader, the effect
+factory), the dialogs / .ui loading / pip of ``slicer.util`` (only those names are replaced in Slicer's own
+util.py), ``slicer.packaging``, ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper``,
+``SegmentEditorEffects``. ``slicer.util.loadVolume`` / ``saveNode`` use Slicer's reader and the node's storage
+node, as the application's IO manager (absent) does.
 
 ``CoreScriptedEffect`` stands in for the C++ adaptor qSlicerSegmentEditorScriptedEffect (a Qt class). It keeps
 no segment state of its own: every read and every modification goes to the real vtkSlicerSegmentEditorLogic
@@ -27,24 +31,49 @@ ROOT = Path(__file__).resolve().parents[2]
 STANDINS = ROOT / "Testing" / "SlicerStandIns"
 MODULE_DIR = ROOT / "RCMedSlicer"
 PURGE = ("slicer", "slicer_core", "qt", "ctk", "SegmentEditorEffects", "RCMedSlicer", "SegmentEditorRCMedLib",
-         "PyTorchUtils")
+         "PyTorchUtils", "qSlicerSegmentationsEditorEffectsPythonQt", "_rcmed_effect_source", "rcmed_batch_script")
 
 
 def _purge() -> None:
     for name in list(sys.modules):
-        if name.split(".")[0] in PURGE:
+        if name.split(".")[0] in PURGE or name.startswith("_rcmed_effect_source"):
             del sys.modules[name]
 
 
 class _App:
-    """What ``slicer.app`` offers that the Logic and effect touch; no Qt application exists in slicer-core."""
+    """What ``slicer.app`` (qSlicerApplication, a Qt application absent from slicer-core) offers that the module,
+    logic, effect and batch script touch."""
+
+    testing = True  # Slicer's --testing; the module tests set it False, as Slicer without --testing
 
     def __init__(self):
+        import tempfile
+
         self._startup = []
+        self._moduleManager = None
+        self.temporaryPath = tempfile.mkdtemp(prefix="rcmed-slicer-core-")
+        self.exitCode = None
 
     def connect(self, signal, slot):
-        self._startup.append(slot)
+        if signal.startswith("startupCompleted"):
+            self._startup.append(slot)
         return True
+
+    def emitStartupCompleted(self):
+        """What Slicer does once at the end of its start-up (qSlicerApplication::startupCompleted)."""
+        for slot in list(self._startup):
+            slot()
+
+    def moduleManager(self):
+        if self._moduleManager is None:
+            import qt
+            from PySide6.QtCore import Signal
+
+            class ModuleManager(qt.PythonQtMixin, qt.QObject):
+                moduleAboutToBeUnloaded = Signal(str)
+
+            self._moduleManager = ModuleManager()
+        return self._moduleManager
 
     def processEvents(self):
         """Runs Qt's queued events (the module's QTimer polls its jobs) when a Qt application exists."""
@@ -54,10 +83,30 @@ class _App:
             QtWidgets.QApplication.processEvents()
 
     def testingEnabled(self):
-        return True
+        return bool(self.testing)
 
     def layoutManager(self):
-        return None
+        return None  # as with --no-main-window
+
+    def setOverrideCursor(self, cursor):
+        from PySide6 import QtWidgets
+
+        QtWidgets.QApplication.setOverrideCursor(cursor)
+
+    def restoreOverrideCursor(self):
+        from PySide6 import QtWidgets
+
+        QtWidgets.QApplication.restoreOverrideCursor()
+
+    def settings(self):
+        import qt
+
+        return qt.QSettings()
+
+    userSettings = settings
+
+    def exit(self, status=0):
+        self.exitCode = int(status)
 
 
 # qSlicerSegmentEditorAbstractEffect::ModificationMode (EditorEffects/qSlicerSegmentEditorAbstractEffect.h).
@@ -155,6 +204,191 @@ class CoreScriptedEffect:
                                             bool(self.perSegment), bool(bypassMasking))
 
 
+_effect_sources = iter(range(1 << 30))
+
+
+class EditorScriptedEffect(CoreScriptedEffect):
+    """qSlicerSegmentEditorScriptedEffect as the effect factory and the Segment Editor widget hold it: built with a
+    Qt parent, its Python effect loaded by ``setPythonSource``, an options frame (Qt), and bound by the editor to
+    its real segment editor node and vtkSlicerSegmentEditorLogic, which do every segment read and modification."""
+
+    def __init__(self, parent=None):
+        super().__init__(None, None)
+        from PySide6 import QtWidgets
+
+        self.perSegment = True
+        self.requireSegments = True
+        self._python = None
+        self._source = ""
+        self._editor = None
+        self._optionsFrame = QtWidgets.QFrame()
+        self._optionsLayout = QtWidgets.QFormLayout(self._optionsFrame)
+
+    def setPythonSource(self, filePath):
+        if not os.path.isfile(filePath):
+            return False
+        spec = importlib.util.spec_from_file_location(f"_rcmed_effect_source_{next(_effect_sources)}", filePath)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self._source = filePath
+        self._python = module.SegmentEditorEffect(self)
+        return True
+
+    def pythonSource(self):
+        return self._source
+
+    def self(self):  # noqa: PLE0202 - PythonQt exposes the Python effect as self()
+        return self._python
+
+    def optionsFrame(self):
+        return self._optionsFrame
+
+    def addOptionsWidget(self, widget):
+        self._optionsLayout.addRow(widget)
+
+    def addLabeledOptionsWidget(self, label, widget):
+        self._optionsLayout.addRow(label, widget)
+        return self._optionsLayout.labelForField(widget)
+
+    def setParameterSetNode(self, node):
+        self._node = node
+
+    def updateGUIFromMRML(self):
+        if self._python is not None and hasattr(self._python, "updateGUIFromMRML"):
+            self._python.updateGUIFromMRML()
+
+    def updateMRMLFromGUI(self):
+        if self._python is not None and hasattr(self._python, "updateMRMLFromGUI"):
+            self._python.updateMRMLFromGUI()
+
+    def selectEffect(self, name):
+        if self._editor is not None:
+            self._editor.setActiveEffectByName(name)
+
+
+class SegmentEditorWidget:
+    """qMRMLSegmentEditorWidget (a Qt widget, absent from slicer-core) reduced to what the module, its self-test and
+    the tests call. It holds a real vtkSlicerSegmentEditorLogic on the real segment editor node, as the widget does
+    in Slicer main (qMRMLSegmentEditorWidget -> vtkSlicerSegmentEditorLogic): selection, undo and redo are the
+    logic's; effects come from the effect factory, cloned per editor, with their options frame."""
+
+    def __init__(self, parent=None):
+        self._scene = None
+        self._node = None
+        self._logic = None
+        self._effects = {}
+        self._active = None
+
+    def setMRMLScene(self, scene):
+        self._scene = scene
+
+    def setMRMLSegmentEditorNode(self, node):
+        import slicer
+
+        self._node = node
+        self._logic = slicer.vtkSlicerSegmentEditorLogic()
+        self._logic.SetMRMLScene(self._scene or slicer.mrmlScene)
+        self._logic.SetSegmentEditorNode(node)
+        for effect in self._effects.values():
+            effect._logic, effect._node = self._logic, node
+
+    def mrmlSegmentEditorNode(self):
+        return self._node
+
+    def _referenceFromSource(self):
+        """A segmentation without reference geometry takes the source volume's, as the editor does on selection."""
+        segmentation, source = self.segmentationNode(), self.sourceVolumeNode()
+        if segmentation is None or source is None:
+            return
+        role = segmentation.GetReferenceImageGeometryReferenceRole()
+        if not segmentation.GetNodeReference(role) and not segmentation.GetSegmentation().GetConversionParameter(
+                "Reference image geometry"):
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(source)
+
+    def setSegmentationNode(self, node):
+        self._node.SetAndObserveSegmentationNode(node)
+        if node is not None and node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        self._referenceFromSource()
+
+    def segmentationNode(self):
+        return self._node.GetSegmentationNode() if self._node is not None else None
+
+    def setSourceVolumeNode(self, node):
+        self._node.SetAndObserveSourceVolumeNode(node)
+        self._referenceFromSource()
+
+    def sourceVolumeNode(self):
+        return self._node.GetSourceVolumeNode() if self._node is not None else None
+
+    def setCurrentSegmentID(self, segmentId):
+        self._node.SetSelectedSegmentID(segmentId)
+
+    def currentSegmentID(self):
+        return self._node.GetSelectedSegmentID()
+
+    def effectByName(self, name):
+        import slicer
+
+        if name in self._effects:
+            return self._effects[name]
+        registered = slicer.qSlicerSegmentEditorEffectFactory.instance().effectByName(name)
+        if registered is None:
+            return None
+        effect = registered.self().clone()
+        effect._editor = self
+        effect._logic, effect._node = self._logic, self._node
+        effect.self().setupOptionsFrame()
+        self._effects[name] = effect
+        return effect
+
+    def setActiveEffectByName(self, name):
+        effect = self.effectByName(name) if name else None
+        if self._active is not None and self._active is not effect and hasattr(self._active.self(), "deactivate"):
+            self._active.self().deactivate()
+        self._active = effect
+        if effect is not None:
+            python = effect.self()
+            python.setMRMLDefaults()
+            if hasattr(python, "activate"):
+                python.activate()
+            effect.updateGUIFromMRML()
+
+    def activeEffect(self):
+        return self._active
+
+    def undo(self):
+        self._logic.Undo()
+
+    def redo(self):
+        self._logic.Redo()
+
+
+def _loadVolume(filename, properties=None, returnNode=False):
+    """slicer.util.loadVolume without the application's IO manager (absent from slicer-core): Slicer's volume reader,
+    vtkSlicerVolumesLogic::AddArchetypeVolume (what the IO manager's volume reader calls); raises as loadVolume does."""
+    import slicer
+
+    name = (properties or {}).get("name") or Path(str(filename)).name.split(".")[0]
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(filename), name)
+    if node is None:
+        if returnNode:
+            return False, None
+        raise RuntimeError(f"Failed to load node from file: {filename}")
+    return (True, node) if returnNode else node
+
+
+def _saveNode(node, filename, properties=None):
+    """slicer.util.saveNode without the application's IO manager: the node's own storage node (Slicer's writer:
+    vtkMRMLSegmentationStorageNode for a segmentation), as the IO manager uses it."""
+    storage = node.GetStorageNode()
+    if storage is None:
+        node.AddDefaultStorageNode()
+        storage = node.GetStorageNode()
+    storage.SetFileName(str(filename))
+    return bool(storage.WriteData(node))
+
+
 def _load_standin(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=None)
     module = importlib.util.module_from_spec(spec)
@@ -192,11 +426,29 @@ def start():
         terminologies=SimpleNamespace(logic=lambda: terminologiesLogic))
     slicer.qSlicerSegmentEditorAbstractEffect = SimpleNamespace(**ABSTRACT_EFFECT_MODES)
 
-    # glue the core lacks: Qt (PySide6) and the scripted-module Python classes, from the stand-ins
+    # glue the core lacks: Qt (PySide6), the Qt widgets and the scripted-module Python classes, from the stand-ins
     sys.path.append(str(STANDINS))
     sys.path.insert(0, str(MODULE_DIR))
     import ctk  # noqa: F401
     import qt  # noqa: F401
+    slicer.widgets = _load_standin("slicer.widgets", STANDINS / "slicer" / "widgets.py")
+    for name in ("qMRMLWidget", "qMRMLNodeComboBox", "qSlicerScriptedLoadableModule",
+                 "qSlicerScriptedLoadableModuleWidget", "qSlicerSegmentEditorEffectFactory"):
+        setattr(slicer, name, getattr(slicer.widgets, name))
+    slicer.widgets.qSlicerSegmentEditorEffectFactory._instance = None
+    slicer.qMRMLSegmentEditorWidget = SegmentEditorWidget
+    sys.modules["qSlicerSegmentationsEditorEffectsPythonQt"] = SimpleNamespace(
+        qSlicerSegmentEditorScriptedEffect=EditorScriptedEffect,
+        qSlicerSegmentEditorAbstractEffect=slicer.qSlicerSegmentEditorAbstractEffect)
+    standinUtil = _load_standin("slicer._standin_util", STANDINS / "slicer" / "util.py")
+    for name in standinUtil.OVERRIDES:  # dialogs, .ui loading, pip, exit: they need the Qt application
+        setattr(slicer.util, name, getattr(standinUtil, name))
+    slicer.util.displayLog = standinUtil.displayLog
+    slicer.util.pipInstallCalls = standinUtil.pipInstallCalls
+    slicer.util.confirmAnswer = True  # what the stand-in confirmation dialogs answer; tests set it
+    slicer.util.loadVolume = _loadVolume
+    slicer.util.saveNode = _saveNode
+    slicer.packaging = _load_standin("slicer.packaging", STANDINS / "slicer" / "packaging.py")
     slicer.ScriptedLoadableModule = _load_standin("slicer.ScriptedLoadableModule",
                                                   STANDINS / "slicer" / "ScriptedLoadableModule.py")
     slicer.parameterNodeWrapper = _load_standin("slicer.parameterNodeWrapper",
@@ -208,6 +460,7 @@ def start():
         from RCMedSlicerLib import engines
 
         engines.SHARED_CACHE.clear()
+        slicer.widgets.qSlicerSegmentEditorEffectFactory.instance().reset()
         scene.Clear(1)
         _purge()
         sys.path[:] = saved_path
@@ -231,13 +484,13 @@ def make_editor(env, segmentationNode, sourceVolumeNode):
 
 def add_slice_node(env, name="Red"):
     """A slice node as Slicer's layout creates it: singleton tag = layout name, so its ID is vtkMRMLSliceNode<name>."""
-    node = env.slicer.vtkMRMLSliceNode()
+    if hasattr(env.slicer.vtkMRMLSliceNode, "AddDefaultSliceOrientationPresets"):
+        # the presets (Axial, Sagittal, Coronal) go to the scene's default slice node, which new nodes copy
+        env.slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(env.scene)
+    node = env.scene.CreateNodeByClass("vtkMRMLSliceNode")
     node.SetLayoutName(name)
     node.SetSingletonTag(name)
-    if hasattr(env.slicer.vtkMRMLSliceNode, "AddDefaultSliceOrientationPresets"):
-        env.slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(env.scene)
-    env.scene.AddNode(node)
-    return node
+    return env.scene.AddNode(node)
 
 
 class SliceWidget:
