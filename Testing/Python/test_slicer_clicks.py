@@ -172,12 +172,7 @@ class FakeEngine:
 
 def setup(core, engine, directions=np.eye(3), parent=None, prompt="liver"):
     volume = add_volume(core, directions, parent)
-    segmentation = core.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    seg = segmentation.GetSegmentation()
-    ids = [seg.AddEmptySegment("", n) for n in ("liver", "other", "mask")]
+    segmentation, ids = glue.add_segmentation(core, volume, ("liver", "other", "mask"))
     rng = np.random.default_rng(3)
     masks = [rng.random(SHAPE) < 0.3 for _ in ids]
     for sid, mask in zip(ids, masks):

@@ -298,12 +298,7 @@ def test_modification_modes_match_the_real_logic(core):
 def effect_setup(core, geometry, seed=5):
     volume = make_volume(core, **GEOMETRIES[geometry])
     shape = core.slicer.util.arrayFromVolume(volume).shape
-    segmentation = core.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    seg = segmentation.GetSegmentation()
-    ids = [seg.AddEmptySegment("", n) for n in ("target", "other", "mask")]
+    segmentation, ids = glue.add_segmentation(core, volume, ("target", "other", "mask"))
     masks = [random_mask(shape, seed + n, 0.3) for n in range(3)]
     for sid, mask in zip(ids, masks):
         set_segment_array(core, mask.astype(np.uint8), segmentation, sid, volume)

@@ -147,17 +147,21 @@ def as_numpy(m):
     return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
 
 
+def parent_to_world(node) -> np.ndarray:
+    """The node's parent transforms as one 4x4 matrix (identity without a parent)."""
+    t = node.GetParentTransformNode()
+    if t is None:
+        return np.eye(4)
+    w = vtk.vtkMatrix4x4()
+    assert t.GetMatrixTransformToWorld(w)
+    return as_numpy(w)
+
+
 def world_matrix(env, node):
     """IJK -> world RAS through the node's parent transforms (computed here independently of the module)."""
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    out = as_numpy(m)
-    t = node.GetParentTransformNode()
-    if t is not None:
-        w = vtk.vtkMatrix4x4()
-        assert t.GetMatrixTransformToWorld(w)
-        out = as_numpy(w) @ out
-    return out
+    return parent_to_world(node) @ as_numpy(m)
 
 
 def voxel_ras(matrix, zyx):
@@ -176,12 +180,7 @@ def segment_world_points(env, segmentation, segment_id):
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
     ext = image.GetExtent()
-    to_world = as_numpy(m)
-    t = segmentation.GetParentTransformNode()
-    if t is not None:
-        w = vtk.vtkMatrix4x4()
-        assert t.GetMatrixTransformToWorld(w)
-        to_world = as_numpy(w) @ to_world
+    to_world = parent_to_world(segmentation) @ as_numpy(m)
     arr = env.RCMedSlicer.arrayFromOrientedImage(image)
     zyx = np.argwhere(arr > 0) + [ext[4], ext[2], ext[0]]
     return voxel_ras(to_world, zyx)

@@ -470,6 +470,17 @@ def start():
                            effectModule=effectModule, stop=stop)
 
 
+def add_segmentation(env, volume, names, name="seg"):
+    """A segmentation node under ``volume``'s parent transform, on its grid, with empty segments ``names``;
+    returns (node, segment ids)."""
+    segmentation = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetAndObserveTransformNodeID(volume.GetTransformNodeID())
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    seg = segmentation.GetSegmentation()
+    return segmentation, [seg.AddEmptySegment("", n) for n in names]
+
+
 def make_editor(env, segmentationNode, sourceVolumeNode):
     """A real segment editor node and logic bound to a segmentation and source volume, as the editor widget does."""
     slicer = env.slicer
