@@ -291,7 +291,8 @@ class Soak:
 
 def timed_parts(r: httpx.Response, total_s: float) -> dict[str, float] | None:
     """Seconds of an answer that ran on the model: total (as the client saw it), model_wait and model_run
-    (Server-Timing), app (in the server) and rest (total - wait - run: client, loopback, event loop,
+    (Server-Timing), of the wait model_pool (behind other clients) and model_behind_job (behind a job's
+    step), app (in the server) and rest (total - wait - run: client, loopback, event loop,
     parsing and encoding). None for any other answer."""
     try:
         t = parse_server_timing(r.headers.get("server-timing", ""))
@@ -300,14 +301,16 @@ def timed_parts(r: httpx.Response, total_s: float) -> dict[str, float] | None:
     if r.status_code != 200 or t.get("model-wait") is None or t.get("model-run") is None:
         return None
     wait, run = t["model-wait"] / 1000, t["model-run"] / 1000
+    pool = (t.get("model-pool") or 0.0) / 1000
     app = t["app"] / 1000 if t.get("app") is not None else float("nan")
-    return {"total": total_s, "model_wait": wait, "model_run": run, "app": app, "rest": total_s - wait - run}
+    return {"total": total_s, "model_wait": wait, "model_pool": pool, "model_behind_job": wait - pool,
+            "model_run": run, "app": app, "rest": total_s - wait - run}
 
 
 def parts_table(alone: dict[str, list[float]], load: dict[str, list[float]]) -> dict[str, dict]:
     """p50/p99 of each part alone and under load, and their ratios under load / alone."""
     out = {}
-    for name in ("total", "model_wait", "model_run", "app", "rest"):
+    for name in ("total", "model_wait", "model_pool", "model_behind_job", "model_run", "app", "rest"):
         a, b = alone.get(name, []), load.get(name, [])
         row = {"alone": {"n": len(a), "p50": pct(a, 50), "p99": pct(a, 99)},
                "load": {"n": len(b), "p50": pct(b, 50), "p99": pct(b, 99)}}

@@ -96,6 +96,7 @@ class ServerState:
         """Run ``fn`` on the model thread, ahead of queued jobs (503 when too many wait). Its wait and run
         go into the request's Server-Timing header (timing.py), failed runs included."""
         asked = time.perf_counter()  # before the pool: waiting there is waiting for the model too
+        placed = asked
         ran: list[float] = []
 
         def timed() -> Any:
@@ -107,10 +108,11 @@ class ServerState:
 
         try:
             async with self.model_pool.slot():
+                placed = time.perf_counter()  # the pool's one place: no other client's request is on the thread
                 return await asyncio.wrap_future(self.gpu.submit(timed, priority=INTERACTIVE))
         finally:
             if len(ran) == 2:  # it ran (not refused, cancelled or still running for a client that left)
-                record_model(ran[0] - asked, ran[1] - ran[0])
+                record_model(ran[0] - asked, ran[1] - ran[0], placed - asked)
 
     # -- images
     def image(self, image_id: str) -> Volume:

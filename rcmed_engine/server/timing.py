@@ -1,9 +1,12 @@
 """Where a request's time went, told to the client in a ``Server-Timing`` header (W3C Server Timing):
 
-    Server-Timing: model-wait;dur=12.345, model-run;dur=40.1, app;dur=55.2
+    Server-Timing: model-wait;dur=12.345, model-pool;dur=2.0, model-run;dur=40.1, app;dur=55.2
 
 ``model-wait``: from the request asking for the model (before its place in the model pool) to its work
 starting on the model thread: time behind other clients' requests and the running step of a job.
+``model-pool``: the part of it spent waiting for the model pool's one place, i.e. behind other clients'
+requests (and what they waited for); the rest (model-wait - model-pool) is behind the job step the thread
+was running when this request was handed to it.
 ``model-run``: its work on the model thread (pure compute, with whatever else the CPUs are doing).
 ``app``: from the request reaching the app to its answer starting, body reading and encoding included.
 Milliseconds. The model entries appear only on requests that ran on the model thread (segment, refine,
@@ -20,22 +23,22 @@ from typing import Any, Callable
 
 # A list per request: the middleware makes it, ModelThread work adds to it; a list (not a value set in the
 # route) because a route's context may be a copy of the middleware's, but the list is the same object.
-_MODEL: contextvars.ContextVar[list[tuple[float, float]] | None] = contextvars.ContextVar("rcmed_model_timing",
+_MODEL: contextvars.ContextVar[list[tuple[float, float, float]] | None] = contextvars.ContextVar("rcmed_model_timing",
                                                                                          default=None)
 
 
-def record_model(wait_s: float, run_s: float) -> None:
+def record_model(wait_s: float, run_s: float, pool_s: float) -> None:
     """Note a piece of model work of the current request (nothing outside a request)."""
     entries = _MODEL.get()
     if entries is not None:
-        entries.append((max(0.0, wait_s), max(0.0, run_s)))
+        entries.append((max(0.0, wait_s), max(0.0, run_s), min(max(0.0, pool_s), max(0.0, wait_s))))
 
 
-def header_value(model: list[tuple[float, float]], app_s: float) -> str:
+def header_value(model: list[tuple[float, float, float]], app_s: float) -> str:
     parts = []
     if model:
-        parts.append(f"model-wait;dur={1000 * sum(w for w, _ in model):.3f}")
-        parts.append(f"model-run;dur={1000 * sum(r for _, r in model):.3f}")
+        for i, name in ((0, "model-wait"), (2, "model-pool"), (1, "model-run")):
+            parts.append(f"{name};dur={1000 * sum(entry[i] for entry in model):.3f}")
     parts.append(f"app;dur={1000 * app_s:.3f}")
     return ", ".join(parts)
 
@@ -81,7 +84,7 @@ class ServerTiming:
             await self.app(scope, receive, send)
             return
         began = time.perf_counter()
-        model: list[tuple[float, float]] = []
+        model: list[tuple[float, float, float]] = []
         token = _MODEL.set(model)
 
         async def timed_send(message: dict) -> None:
