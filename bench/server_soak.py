@@ -292,8 +292,9 @@ class Soak:
 def timed_parts(r: httpx.Response, total_s: float) -> dict[str, float] | None:
     """Seconds of an answer that ran on the model: total (as the client saw it), model_wait and model_run
     (Server-Timing), of the wait model_pool (behind other clients) and model_behind_job (behind a job's
-    step), app (in the server) and rest (total - wait - run: client, loopback, event loop,
-    parsing and encoding). None for any other answer."""
+    step), app (in the server), rest (total - wait - run: client, loopback, event loop,
+    parsing and encoding) and total_without_wait (total - wait: the answer had nobody been ahead of it,
+    so its ratio is what busy CPUs alone cost). None for any other answer."""
     try:
         t = parse_server_timing(r.headers.get("server-timing", ""))
     except ValueError:
@@ -304,13 +305,14 @@ def timed_parts(r: httpx.Response, total_s: float) -> dict[str, float] | None:
     pool = (t.get("model-pool") or 0.0) / 1000
     app = t["app"] / 1000 if t.get("app") is not None else float("nan")
     return {"total": total_s, "model_wait": wait, "model_pool": pool, "model_behind_job": wait - pool,
-            "model_run": run, "app": app, "rest": total_s - wait - run}
+            "model_run": run, "app": app, "rest": total_s - wait - run, "total_without_wait": total_s - wait}
 
 
 def parts_table(alone: dict[str, list[float]], load: dict[str, list[float]]) -> dict[str, dict]:
     """p50/p99 of each part alone and under load, and their ratios under load / alone."""
     out = {}
-    for name in ("total", "model_wait", "model_pool", "model_behind_job", "model_run", "app", "rest"):
+    for name in ("total", "model_wait", "model_pool", "model_behind_job", "model_run", "app", "rest",
+                 "total_without_wait"):
         a, b = alone.get(name, []), load.get(name, [])
         row = {"alone": {"n": len(a), "p50": pct(a, 50), "p99": pct(a, 99)},
                "load": {"n": len(b), "p50": pct(b, 50), "p99": pct(b, 99)}}
@@ -321,12 +323,12 @@ def parts_table(alone: dict[str, list[float]], load: dict[str, list[float]]) -> 
 
 
 def print_parts(table: dict[str, dict]) -> None:
-    print(f"server_soak: {'valid segment (s)':<18}{'alone p50':>10}{'p99':>9}{'load p50':>10}{'p99':>9}"
+    print(f"server_soak: {'valid segment (s)':<19}{'alone p50':>10}{'p99':>10}{'load p50':>10}{'p99':>10}"
           f"{'x p50':>8}{'x p99':>8}", flush=True)
     for name, row in table.items():
         a, b, x = row["alone"], row["load"], row["ratio_load_over_alone"]
         cells = [a["p50"], a["p99"], b["p50"], b["p99"]]
-        print(f"server_soak: {name:<18}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in cells)
+        print(f"server_soak: {name:<19}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in cells)
               + "".join(f"{v:>8.2f}" if v is not None else f"{'-':>8}" for v in (x["p50"], x["p99"])), flush=True)
 
 
