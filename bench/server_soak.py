@@ -10,9 +10,10 @@ on 127.0.0.1 with a fresh token, measures valid one-slice segments alone, then r
 
 It watches the server throughout (readiness every 0.5 s, resident memory) and stops by itself. Written to
 bench/results/server_soak.json: requests by kind, status counts, p50/p99 of valid segments alone and under
-load (total latency, and from each answer's Server-Timing header its wait for the model thread, its run
-there and its time in the server, with the ratio under load / alone of each), every bomb's latency, the server's peak RSS (VmHWM) against the bound it announced in /v1/info, and
-whether it stayed ready. Targets: 0 x 5xx, 0 crashes, peak RSS <= bound, every bomb refused in < 1 s,
+load (total latency and, from each answer's Server-Timing header, its wait for the model thread (behind
+other clients, behind a job's step), its run there and its time in the server, each with its ratio under
+load / alone), every bomb's latency, the server's peak RSS (VmHWM) against the bound it announced in
+/v1/info, and whether it stayed ready. Targets: 0 x 5xx, 0 crashes, peak RSS <= bound, every bomb refused in < 1 s,
 valid-segment p99 under load <= 3 x alone.
 
     python bench/server_soak.py [--minutes 10] [--clients 16] [--preset tiny] [--device cpu]
@@ -170,6 +171,21 @@ class Watch(threading.Thread):
                 except httpx.HTTPError:
                     self.not_ready += 1
                 self.stop_event.wait(0.5)
+
+
+def wait_ready(url: str, server: subprocess.Popen, server_lines: list[str], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("server_soak: the server exited at start: " + " | ".join(server_lines[-5:]))
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"server_soak: the server was not ready within {timeout_s:g} s")
+        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------------------- clients
@@ -390,18 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too when stopped
     watch = None
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("server_soak: the server exited at start: " + " | ".join(server_lines[-5:]))
-            try:
-                if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server_soak: the server was not ready within 600 s")
-            time.sleep(0.2)
+        wait_ready(url, server, server_lines)
         info = httpx.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {token}"}).json()
         bound = info["memory"]["bound_bytes"]
         print(f"server_soak: server ready; announced bound {bound / 2**30:.2f} GB; RSS "
