@@ -10,8 +10,10 @@ on 127.0.0.1 with a fresh token, measures valid one-slice segments alone, then r
 
 It watches the server throughout (readiness every 0.5 s, resident memory) and stops by itself. Written to
 bench/results/server_soak.json: requests by kind, status counts, p50/p99 of valid segments alone and under
-load, every bomb's latency, the server's peak RSS (VmHWM) against the bound it announced in /v1/info, and
-whether it stayed ready. Targets: 0 x 5xx, 0 crashes, peak RSS <= bound, every bomb refused in < 1 s,
+load (total latency and, from each answer's Server-Timing header, its wait for the model thread (behind
+other clients, behind a job's step), its run there and its time in the server, each with its ratio under
+load / alone), every bomb's latency, the server's peak RSS (VmHWM) against the bound it announced in
+/v1/info, and whether it stayed ready. Targets: 0 x 5xx, 0 crashes, peak RSS <= bound, every bomb refused in < 1 s,
 valid-segment p99 under load <= 3 x alone.
 
     python bench/server_soak.py [--minutes 10] [--clients 16] [--preset tiny] [--device cpu]
@@ -48,6 +50,7 @@ if str(ROOT) not in sys.path:
 from rcmed_engine import wire  # noqa: E402
 from rcmed_engine.geometry import Geometry, Volume  # noqa: E402
 from rcmed_engine.io import write_json_atomic  # noqa: E402
+from rcmed_engine.server.timing import parse_server_timing  # noqa: E402
 
 MB = 1 << 20
 HOST = "127.0.0.1"  # loopback only: this script never listens elsewhere
@@ -170,6 +173,21 @@ class Watch(threading.Thread):
                 self.stop_event.wait(0.5)
 
 
+def wait_ready(url: str, server: subprocess.Popen, server_lines: list[str], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if server.poll() is not None:
+            raise SystemExit("server_soak: the server exited at start: " + " | ".join(server_lines[-5:]))
+        try:
+            if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"server_soak: the server was not ready within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 # ----------------------------------------------------------------------------------------- clients
 class Soak:
     def __init__(self, url: str, token: str, volumes: list[Volume], files: list[bytes], bomb_bodies: dict[str, bytes],
@@ -186,6 +204,8 @@ class Soak:
         self.lock = threading.Lock()
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.latency: dict[str, list[float]] = defaultdict(list)
+        # Per kind, per answered request that ran on the model: seconds of each part (see timed_parts).
+        self.parts: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.errors: list[str] = []
         self.seed = seed
 
@@ -203,7 +223,13 @@ class Soak:
         except httpx.HTTPError as exc:
             self.record(kind, 0, time.perf_counter() - t0, repr(exc))
             return None
-        self.record(kind, r.status_code, time.perf_counter() - t0, r.text)
+        took = time.perf_counter() - t0
+        self.record(kind, r.status_code, took, r.text)
+        parts = timed_parts(r, took)
+        if parts:
+            with self.lock:
+                for name, value in parts.items():
+                    self.parts[kind][name].append(value)
         return r
 
     def upload(self, c: httpx.Client, i: int, as_file: bool) -> str | None:
@@ -279,6 +305,49 @@ class Soak:
                         self.errors.append(f"client {index}: {exc!r}"[:300])
 
 
+def timed_parts(r: httpx.Response, total_s: float) -> dict[str, float] | None:
+    """Seconds of an answer that ran on the model: total (as the client saw it), model_wait and model_run
+    (Server-Timing), of the wait model_pool (behind other clients) and model_behind_job (behind a job's
+    step), app (in the server), rest (total - wait - run: client, loopback, event loop,
+    parsing and encoding) and total_without_wait (total - wait: the answer had nobody been ahead of it,
+    so its ratio is what busy CPUs alone cost). None for any other answer."""
+    try:
+        t = parse_server_timing(r.headers.get("server-timing", ""))
+    except ValueError:
+        return None
+    if r.status_code != 200 or t.get("model-wait") is None or t.get("model-run") is None:
+        return None
+    wait, run = t["model-wait"] / 1000, t["model-run"] / 1000
+    pool = (t.get("model-pool") or 0.0) / 1000
+    app = t["app"] / 1000 if t.get("app") is not None else float("nan")
+    return {"total": total_s, "model_wait": wait, "model_pool": pool, "model_behind_job": wait - pool,
+            "model_run": run, "app": app, "rest": total_s - wait - run, "total_without_wait": total_s - wait}
+
+
+def parts_table(alone: dict[str, list[float]], load: dict[str, list[float]]) -> dict[str, dict]:
+    """p50/p99 of each part alone and under load, and their ratios under load / alone."""
+    out = {}
+    for name in ("total", "model_wait", "model_pool", "model_behind_job", "model_run", "app", "rest",
+                 "total_without_wait"):
+        a, b = alone.get(name, []), load.get(name, [])
+        row = {"alone": {"n": len(a), "p50": pct(a, 50), "p99": pct(a, 99)},
+               "load": {"n": len(b), "p50": pct(b, 50), "p99": pct(b, 99)}}
+        row["ratio_load_over_alone"] = {q: round(row["load"][q] / row["alone"][q], 2) if row["alone"][q] and
+                                        row["load"][q] is not None else None for q in ("p50", "p99")}
+        out[name] = row
+    return out
+
+
+def print_parts(table: dict[str, dict]) -> None:
+    print(f"server_soak: {'valid segment (s)':<19}{'alone p50':>10}{'p99':>10}{'load p50':>10}{'p99':>10}"
+          f"{'x p50':>8}{'x p99':>8}", flush=True)
+    for name, row in table.items():
+        a, b, x = row["alone"], row["load"], row["ratio_load_over_alone"]
+        cells = [a["p50"], a["p99"], b["p50"], b["p99"]]
+        print(f"server_soak: {name:<19}" + "".join(f"{v:>10.4f}" if v is not None else f"{'-':>10}" for v in cells)
+              + "".join(f"{v:>8.2f}" if v is not None else f"{'-':>8}" for v in (x["p50"], x["p99"])), flush=True)
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -337,18 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server too when stopped
     watch = None
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("server_soak: the server exited at start: " + " | ".join(server_lines[-5:]))
-            try:
-                if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("server_soak: the server was not ready within 600 s")
-            time.sleep(0.2)
+        wait_ready(url, server, server_lines)
         info = httpx.get(f"{url}/v1/info", headers={"Authorization": f"Bearer {token}"}).json()
         bound = info["memory"]["bound_bytes"]
         print(f"server_soak: server ready; announced bound {bound / 2**30:.2f} GB; RSS "
@@ -399,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.wait()
 
     load = soak.latency["valid_segment"]
+    parts = parts_table(soak.parts["valid_segment_alone"], soak.parts["valid_segment"])
     bomb_lat = [t for k, v in soak.latency.items() if k.startswith("bomb_") for t in v]
     bomb_codes = Counter(s for k, c in soak.counts.items() if k.startswith("bomb_") for s in c.elements())
     statuses = Counter(s for c in soak.counts.values() for s in c.elements())
@@ -424,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         "valid_segment_alone_s": {"n": len(alone), "p50": pct(alone, 50), "p99": p99_alone},
         "valid_segment_load_s": {"n": len(load), "p50": pct(load, 50), "p99": p99_load},
         "p99_ratio_load_over_alone": round(p99_load / p99_alone, 2) if p99_alone and p99_load else None,
+        # Valid segments answered 200, split by their Server-Timing header (seconds).
+        "valid_segment_parts_s": parts,
         "bomb_latency_s": {"n": len(bomb_lat), "max": round(max(bomb_lat), 4) if bomb_lat else None,
                            "p50": pct(bomb_lat, 50)},
         "server_peak_rss_bytes": peak, "announced_bound_bytes": bound,
@@ -438,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server_soak: {sum(statuses.values())} requests, statuses {dict(statuses)}; segments p99 alone "
           f"{p99_alone} s, under load {p99_load} s; bombs max {result['bomb_latency_s']['max']} s; peak RSS "
           f"{peak / MB:.0f} MB of {bound / MB:.0f} MB announced; targets {targets}", flush=True)
+    print_parts(parts)
     print(f"server_soak: wrote {out}", flush=True)
     return 0 if all(targets.values()) else 1
 

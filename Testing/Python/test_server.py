@@ -565,6 +565,7 @@ class _Recording:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.calls: list[tuple[str, tuple[int, int]]] = []
+        self.started: list[float] = []  # time.perf_counter() as each call starts
         self.gate = threading.Event()
         self.entered = threading.Event()
 
@@ -572,6 +573,7 @@ class _Recording:
         return getattr(self.engine, name)
 
     def segment_many(self, image, prompts, *, slices=None, progress=None, **kw):
+        self.started.append(time.perf_counter())
         self.calls.append((prompts[0], tuple(slices) if slices else None))
         if progress is not None and not self.entered.is_set():
             self.entered.set()
@@ -608,6 +610,77 @@ def test_a_direct_segment_goes_between_the_chunks_of_a_running_job(engines):
         assert recording.calls == [("liver", (0, 8)), ("spleen", (5, 6)), ("liver", (8, 16)), ("liver", (16, 24))]
         same(out["job"], local.segment(volume, "liver"))
         same(out["click"], local.segment(volume, "spleen", slices=(5, 6)))
+    finally:
+        recording.gate.set()
+        srv.stop()
+
+
+def server_timing(response: httpx.Response) -> dict[str, float | None]:
+    """The response's Server-Timing metrics (ms), checked against the header's grammar."""
+    from rcmed_engine.server.timing import parse_server_timing
+
+    metrics = parse_server_timing(response.headers["server-timing"])
+    assert all(v is not None and v >= 0 for v in metrics.values()), metrics
+    return metrics
+
+
+def test_server_timing_header(server, remote):
+    """Every answer says its time in the app; one that ran on the model thread also its wait for the model
+    and its run there, both inside the app's time (the three are measured in that order)."""
+    volume = ct_volume(31, (4, 24, 24))
+    ident = remote.upload(volume)
+    on_model = [httpx.post(f"{server.url}/v1/segment", headers=AUTH, timeout=60,
+                           json={"image": ident, "prompt": "liver", "slices": [1, 2]}),
+                httpx.post(f"{server.url}/v1/images/{ident}/prepare", headers=AUTH, json={"slices": [0]}, timeout=60),
+                httpx.delete(f"{server.url}/v1/cache", headers=AUTH, timeout=60)]
+    for r in on_model:
+        assert r.status_code == 200, r.text
+        t = server_timing(r)
+        assert set(t) == {"model-wait", "model-pool", "model-run", "app"}
+        assert t["model-pool"] <= t["model-wait"]
+        assert t["model-wait"] + t["model-run"] <= t["app"] + 0.002  # 0.002: the header's rounding to 0.001 ms
+    for r in (httpx.get(f"{server.url}/v1/info", headers=AUTH), httpx.get(f"{server.url}/v1/health"),
+              httpx.post(f"{server.url}/v1/segment", headers=AUTH, json={"image": "0" * 64, "prompt": "liver"}),
+              httpx.get(f"{server.url}/v1/info")):  # no model work: the app's time alone, errors included
+        assert set(server_timing(r)) == {"app"}, (r.status_code, r.headers["server-timing"])
+
+
+def test_model_wait_behind_a_job_is_one_step_at_most(engines):
+    """A one-slice segment sent while a job's step runs waits for that step, not the job: its model-wait
+    is at least the time the step was held after the segment queued, and at most the time from the step's
+    start to the segment's start on the model thread (order of events on one clock, no thresholds)."""
+    recording = _Recording(engines[0])
+    srv = ThreadServer(recording).start()
+    volume = ct_volume(32, (16, 32, 32))
+    out: dict = {}
+    try:
+        with srv.client() as jobs:
+            ident = jobs.upload(volume)
+            job = threading.Thread(target=lambda: out.update(job=jobs.segment(volume, "liver")))
+            job.start()
+            assert recording.entered.wait(30)  # the job's first step is running (and held)
+            click = threading.Thread(target=lambda: out.update(click=httpx.post(
+                f"{srv.url}/v1/segment", headers=AUTH, timeout=60,
+                json={"image": ident, "prompt": "spleen", "slices": [5, 6]})))
+            click.start()
+            deadline = time.monotonic() + 30
+            while srv.state.gpu.queued() < 1:  # the segment waits on the model thread
+                assert time.monotonic() < deadline and click.is_alive()
+                time.sleep(0.01)
+            queued = time.perf_counter()
+            time.sleep(0.05)
+            held = time.perf_counter() - queued  # the segment has waited at least this long
+            recording.gate.set()
+            click.join(60)
+            job.join(60)
+        assert recording.calls == [("liver", (0, 8)), ("spleen", (5, 6)), ("liver", (8, 16))]
+        r = out["click"]
+        assert r.status_code == 200, r.text
+        t = server_timing(r)
+        step = recording.started[1] - recording.started[0]  # the job's step, from its start to the segment's
+        assert 1000 * held - 0.001 <= t["model-wait"] <= 1000 * step + 0.001, (t, held, step)
+        assert 1000 * held - 0.001 <= t["model-wait"] - t["model-pool"] + 0.001  # it waited behind the step
+        assert t["model-wait"] + t["model-run"] <= t["app"] + 0.002
     finally:
         recording.gate.set()
         srv.stop()
@@ -942,6 +1015,7 @@ def test_refine_endpoint_on_the_wire(oracle, server, remote):
     r = httpx.post(url, headers=AUTH, json={"prompt": "tumour", "clicks": [click], "text": False,
                                            "previous": {"labels": leak}}, timeout=60)
     assert r.status_code == 200, r.text
+    assert {"model-wait", "model-run"} <= set(server_timing(r))  # it ran on the model thread
     body = r.json()
     assert body["image"] == ident and len(body["results"]) == 1
     assert np.array_equal(wire.decode_labels(body["results"][0]["labels"]), a.astype(np.uint8))

@@ -38,6 +38,7 @@ The package follows FastAPI's own layout:
   model thread (``model_thread.py``); ``image_cache.py``; ``uploads.py``: frames and files;
 * ``models.py``: the pydantic schemas; ``errors.py``: the one-line JSON errors; ``settings.py``;
 * ``glue.py``: optional engine parameters, results and registry entries as JSON; ``checks.py``.
+* ``timing.py``: each answer's ``Server-Timing`` header (its wait for the model thread and its run there);
 * ``headers.py``: what an upload costs, from its NIfTI/NRRD header; ``memory.py``: the per-request budget and
   the server's memory bound; ``pools.py``: the bounded decode and model queues (503 with Retry-After beyond).
 """

@@ -14,6 +14,7 @@ from .models import API
 from .routes import classes, health, images, info, jobs, refine, segment
 from .settings import ServerSettings
 from .state import ServerState
+from .timing import ServerTiming
 
 # Included in this order: it is the order of the paths in the OpenAPI document.
 ROUTERS = (health.router, info.router, images.router, refine.router, segment.router, jobs.router, classes.router)
@@ -40,6 +41,7 @@ def create_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.rcmed = st  # routes reach it through state.get_state
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, timeout_s=settings.body_timeout_s,
                        pool=st.decoders)
+    app.add_middleware(ServerTiming)  # outermost: its app time includes reading the body
     add_exception_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable, Iterator
 
 from fastapi import Request
@@ -19,6 +20,7 @@ from .model_thread import INTERACTIVE, ModelThread
 from .memory import bound_problem, describe_bound, engine_cache_bytes, machine_memory_bytes, memory_bound, rss_bytes
 from .pools import Pool
 from .settings import ServerSettings
+from .timing import record_model
 
 log = logging.getLogger("rcmed.server")
 
@@ -91,9 +93,26 @@ class ServerState:
         self.gpu.shutdown(wait=False, cancel_futures=True)
 
     async def on_model(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the model thread, ahead of queued jobs (503 when too many wait)."""
-        async with self.model_pool.slot():
-            return await asyncio.wrap_future(self.gpu.submit(fn, priority=INTERACTIVE))
+        """Run ``fn`` on the model thread, ahead of queued jobs (503 when too many wait). Its wait and run
+        go into the request's Server-Timing header (timing.py), failed runs included."""
+        asked = time.perf_counter()  # before the pool: waiting there is waiting for the model too
+        placed = asked
+        ran: list[float] = []
+
+        def timed() -> Any:
+            ran.append(time.perf_counter())
+            try:
+                return fn()
+            finally:
+                ran.append(time.perf_counter())
+
+        try:
+            async with self.model_pool.slot():
+                placed = time.perf_counter()  # the pool's one place: no other client's request is on the thread
+                return await asyncio.wrap_future(self.gpu.submit(timed, priority=INTERACTIVE))
+        finally:
+            if len(ran) == 2:  # it ran (not refused, cancelled or still running for a client that left)
+                record_model(ran[0] - asked, ran[1] - ran[0], placed - asked)
 
     # -- images
     def image(self, image_id: str) -> Volume:
