@@ -33,6 +33,7 @@ class BatchOptions:
     series_filter: str | None = None
     qc: bool = True
     progress: bool | None = None  # None: a bar when stderr is a terminal
+    overwrite: bool = False  # redo every case, done or not
 
 
 @dataclass
@@ -40,6 +41,7 @@ class BatchRun:
     counts: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0, "skipped": 0})
     failed: list[tuple[str, str]] = field(default_factory=list)
     out_dir: str = ""
+    cases: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -97,7 +99,7 @@ class _Plan:
                 digest = content_hash(c)
             except OSError as exc:
                 digest = f"unreadable: {one_line(exc)}"
-            if self.manifest.is_done(c.case_id, digest, prompt, self.key, self.out):
+            if not self.opts.overwrite and self.manifest.is_done(c.case_id, digest, prompt, self.key, self.out):
                 self.on_skip(c)
                 continue
             task = Task(c, prompt, str(self.out), self.opts.fmt, self.opts.axis, self.opts.modality,
@@ -115,13 +117,14 @@ def _record(task: Task, outcome: dict[str, Any], key: str) -> dict[str, Any]:
     return rec
 
 
-def run_batch(opts: BatchOptions, executor: Executor, log=None) -> BatchRun:
+def run_batch(opts: BatchOptions, executor: Executor, log=None, on_case=None) -> BatchRun:
     """Run the cohort; bad input raises ``BatchUsageError`` before anything runs. Ctrl-C loses only the cases
-    in flight (the manifest has every finished one; summary and QC page are written on the way out)."""
+    in flight (the manifest has every finished one; summary and QC page are written on the way out).
+    ``log(line)``: a line per failed case; ``on_case(record)``: every case as it ends (skipped ones too)."""
     out = prepare_out_dir(opts.out_dir)
     cases = find_cases(opts.input, opts.series_filter)
     check_cases(opts, cases)
-    run = BatchRun(out_dir=str(out))
+    run = BatchRun(out_dir=str(out), cases=len(cases))
     with OutputLock(out):
         manifest = Manifest(out)
         _remove_stale_temps(out)
@@ -131,12 +134,17 @@ def run_batch(opts: BatchOptions, executor: Executor, log=None) -> BatchRun:
         def skipped(case: Case) -> None:
             run.counts["skipped"] += 1
             bar.add("skipped")
+            if on_case:
+                on_case({**manifest.records[case.case_id], "status": "skipped"})
 
         plan = _Plan(opts, cases, manifest, model, out, skipped)
         try:
             for outcome in executor.run(plan):
                 task = plan.tasks.pop(outcome["case"])
-                manifest.record(_record(task, outcome, plan.key))
+                record = _record(task, outcome, plan.key)
+                manifest.record(record)
+                if on_case:
+                    on_case(record)
                 run.counts[outcome["status"]] += 1
                 if outcome["status"] == "failed":
                     run.failed.append((task.case.case_id, outcome.get("reason", "")))
