@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_result_args(ref, "anatomical plane the clicks' slices are cut along (default axial)",
                      "A:B, the slices a correction may be carried to (default all)")
 
+    from .batch.command import add_batch_parser
+
+    add_batch_parser(sub, _add_model_args)
+
     ev = sub.add_parser("evaluate", help="Dice on an nnU-Net v2 raw data set")
     ev.add_argument("dataset", help="folder with dataset.json, imagesTs/labelsTs (or imagesTr/labelsTr)")
     ev.add_argument("-o", "--output", required=True, help="report JSON")
@@ -477,6 +481,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """One prompt over a cohort (rcmed_engine/batch): bad input is a one-line error, a failed case is not."""
+    from .batch.command import batch_command
+    from .batch.errors import BatchUsageError
+
+    try:
+        return batch_command(args, lambda: (_loading(args), _engine(argparse.Namespace(**{**vars(args),
+                                                                                          "server": None})))[1])
+    except BatchUsageError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     engine = _engine(args)
     info = engine.info()
@@ -573,6 +589,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "segment": cmd_segment,
     "refine": cmd_refine,
     "evaluate": cmd_evaluate,
+    "batch": cmd_batch,
     "info": cmd_info,
     "register": cmd_register,
     "classes": cmd_classes,

@@ -337,7 +337,12 @@ def _to_rgb_uint8(array: np.ndarray, p: Path) -> np.ndarray:
     raise ImageReadError(f"{p} has RGB pixels of type {array.dtype}; only 8- or 16-bit RGB is supported")
 
 
-def _read_dicom_folder(folder: Path) -> Volume:
+def read_dicom_series(folder: str | Path, series_uid: str) -> Volume:
+    """One DICOM series of ``folder`` by its SeriesInstanceUID (``read_image`` takes the largest)."""
+    return _read_dicom_folder(Path(folder).expanduser(), series_uid)
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None = None) -> Volume:
     try:
         series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     except RuntimeError as exc:
@@ -345,7 +350,9 @@ def _read_dicom_folder(folder: Path) -> Volume:
     if not series_ids:
         raise ImageReadError(f"no DICOM series in {folder}")
     files = {sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in series_ids}
-    chosen = max(series_ids, key=lambda sid: len(files[sid]))  # first one wins a tie
+    if series_uid is not None and series_uid not in files:
+        raise ImageReadError(f"no DICOM series {series_uid} in {folder}")
+    chosen = series_uid or max(series_ids, key=lambda sid: len(files[sid]))  # first one wins a tie
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
@@ -361,12 +368,13 @@ def _read_dicom_folder(folder: Path) -> Volume:
         "dicom_series_uid": chosen,
         "dicom_files": len(files[chosen]),
         "dicom_series_count": len(series_ids),
+        "dicom_file_names": files[chosen],
     }
     if reader.HasMetaDataKey(0, "0008|0060"):
         meta.update(_modality_meta(reader.GetMetaData(0, "0008|0060")))
     if reader.HasMetaDataKey(0, "0008|103e"):
         meta["series_description"] = reader.GetMetaData(0, "0008|103e").strip()
-    if len(series_ids) > 1:
+    if len(series_ids) > 1 and series_uid is None:
         meta["note"] = (
             f"{folder} holds {len(series_ids)} DICOM series; using {chosen} "
             f"({len(files[chosen])} files, the most)"
