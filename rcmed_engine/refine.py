@@ -117,12 +117,20 @@ def _candidates(model, view: SliceView, boxes: np.ndarray) -> list[tuple[np.ndar
 
 
 def _touches_edge(mask: np.ndarray, box: np.ndarray) -> bool:
+    """Whether the object reaches a side of its box (r0, c0, r1, c1) that is not the image's own border."""
     H, W = mask.shape
     r0, c0 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
     r1, c1 = min(int(np.ceil(box[2])), H - 1), min(int(np.ceil(box[3])), W - 1)
-    edges = [mask[r, c0:c1 + 1] for r in {r0, r1} if box[0] > 0 and r == r0 or box[2] < H - 1 and r == r1]
-    edges += [mask[r0:r1 + 1, c] for c in {c0, c1} if box[1] > 0 and c == c0 or box[3] < W - 1 and c == c1]
-    return any(e.any() for e in edges)
+    sides = []
+    if box[0] > 0:
+        sides.append(mask[r0, c0:c1 + 1])
+    if box[2] < H - 1:
+        sides.append(mask[r1, c0:c1 + 1])
+    if box[1] > 0:
+        sides.append(mask[r0:r1 + 1, c0])
+    if box[3] < W - 1:
+        sides.append(mask[r0:r1 + 1, c1])
+    return any(side.any() for side in sides)
 
 
 def _component_at(mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:
