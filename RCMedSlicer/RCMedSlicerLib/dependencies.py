@@ -31,6 +31,9 @@ TORCH = "torch"
 MIN_TORCH = ">=2.1"
 # Only the HTTP server needs these; Slicer is a client.
 SERVER_ONLY = ("fastapi", "uvicorn")
+# Only `rcmed batch --format dcm` needs these; Slicer writes DICOM SEG itself and ships its own pydicom,
+# which a pinned pip install would replace under its DICOM module.
+BATCH_DICOM_ONLY = ("highdicom", "pydicom")
 
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -63,8 +66,8 @@ def read_requirements(path: str | Path) -> list[str]:
 
 
 def select_for_profile(project_dependencies: list[str], profile: str) -> list[str]:
-    """The project's dependencies minus what Slicer provides, PyTorch and server-only packages."""
-    skip = set(SLICER_PROVIDED) | {TORCH} | set(SERVER_ONLY)
+    """The project's dependencies minus what Slicer provides, PyTorch, server-only and batch-DICOM packages."""
+    skip = set(SLICER_PROVIDED) | {TORCH} | set(SERVER_ONLY) | set(BATCH_DICOM_ONLY)
     reqs = [r for r in project_dependencies if requirement_name(r) not in skip]
     if profile == "remote":
         raise ValueError("the remote profile is not derived from the project's dependencies")
