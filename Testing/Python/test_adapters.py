@@ -134,3 +134,35 @@ def test_adapter_refuses_shared_parts(tmp_path):
     cfg.model.train = ["lora", "added_tokens"]
     with pytest.raises(ValueError, match="cannot train added_tokens"):
         fit_adapter(cfg, "x")
+
+
+def test_cli_segment_and_info_with_adapters(adapter_dir, tmp_path, capsys):
+    from rcmed_engine.cli import main
+
+    rings = adapter_dir.parent.parent / "rings"
+    image = str(next((rings / "imagesTs").glob("*.nii.gz")))
+    common = ["--preset", "tiny", "--device", "cpu", "--adapter", str(adapter_dir)]
+    out = tmp_path / "ring.nii.gz"
+    assert main(["segment", image, "--prompt", "ring", "-o", str(out), "--modality", "MR", *common]) == 0
+    _, truth = _case(rings)
+    assert _dice(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0, truth) > 0.5
+    capsys.readouterr()
+    assert main(["info", *common]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["adapters"][0]["name"] == "rings" and info["adapters"][0]["classes"] == ["ring"]
+    # Twice the same adapter: the second claims the same class, one line, exit 2.
+    assert main(["info", *common, "--adapter", str(adapter_dir)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "already loaded" in err and "\n" not in err
+
+
+def test_server_info_lists_adapters(adapter_dir):
+    from fastapi.testclient import TestClient
+
+    from rcmed_engine.server import ServerSettings, create_app
+
+    engine = Engine.from_preset("tiny", device="cpu")
+    engine.load_adapter(str(adapter_dir))
+    with TestClient(create_app(engine, ServerSettings(token="t"))) as client:
+        info = client.get("/v1/info", headers={"Authorization": "Bearer t"}).json()
+    assert [(a["name"], a["classes"]) for a in info["adapters"]] == [("rings", ["ring"])]
