@@ -50,6 +50,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="folder with RCMed weights (default: the preset's own)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--batch", type=int, default=8, help="slices per batch (default 8)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="an adapter folder (rcmed-train fit --adapter); repeatable. Its classes go to it, all "
+                        "others to the untouched base model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,14 +177,24 @@ def _engine(args: argparse.Namespace):
 
         remote = RemoteEngine(args.server, token=getattr(args, "token", None))
         remote.info()  # fails early, in one line, on a wrong URL or token
+        if getattr(args, "adapter", None):
+            raise CLIError("--adapter loads into a local engine; start the server with rcmed serve --adapter DIR")
         return remote
-    from .engine import Engine
-
     if not sys.stderr.isatty():  # transformers' own loading bars are noise in a log or a pipe
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
+    return _local_engine(args)
+
+
+def _local_engine(args: argparse.Namespace):
+    """The preset's engine with every --adapter loaded (each checked against the base weights)."""
+    from .engine import Engine
+
+    engine = Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
+    for folder in getattr(args, "adapter", None) or []:
+        engine.load_adapter(folder)
+    return engine
 
 
 def _preset(args: argparse.Namespace) -> str:
@@ -523,9 +536,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               body_timeout_s=args.body_timeout_s)
 
     def load():
-        from .engine import Engine
-
-        return Engine.from_preset(_preset(args), weights=args.weights, device=args.device, batch_size=args.batch)
+        return _local_engine(args)
 
     return serve(load, settings, log_level=args.log_level)
 

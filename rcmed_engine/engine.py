@@ -26,6 +26,7 @@ from .preprocess import (MODALITY_TEXT, IntensityWindow, SliceTransform, canonic
                          to_uint8_rgb)
 from .prompts import parse_targets
 from .vocabulary import resolve_targets
+from .adapters import Adapter, base_identity, check_no_overlap, route
 from .results import Cancelled, CancelToken, EngineError, SegmentResult, as_volume  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Engine:
         self._features = _LRU(cache_bytes // 2)
         self._prefixes = _LRU(cache_bytes // 2)
         self._lock = threading.RLock()  # one model: calls from several threads run one at a time
+        self.adapters: list[Adapter] = []
 
     @classmethod
     def from_preset(cls, preset: str = "lite", weights: str | None = None, device: str = "auto",
@@ -153,6 +155,33 @@ class Engine:
         return cls(loaded, device=dev, batch_size=batch_size, cache_bytes=cache_bytes, preset="syre-7b",
                    dtype=dtype)
 
+    # ----------------------------------------------------------------------------------------- adapters
+    @property
+    def base_identity(self) -> str:
+        return base_identity(self.preset, self.weights_sha256, str(self.weights))
+
+    def load_adapter(self, folder: str) -> Adapter:
+        """Load an adapter folder (`rcmed-train fit --adapter`); its classes are then routed to it. The base
+        weights are never changed, so every other class keeps the base model's exact masks."""
+        with self._lock:
+            adapter = Adapter.from_pretrained(folder, self.model, self.base_identity)
+            check_no_overlap(self.adapters, adapter)
+            self.adapters.append(adapter)
+            return adapter
+
+    @torch.inference_mode()
+    def _adapter_outputs(self, rgb: np.ndarray, transform: SliceTransform, routes: dict[int, tuple[list[int], object]],
+                         logits: torch.Tensor, pres: np.ndarray) -> float:
+        """Overwrite the routed targets' logits and presence with their adapters' answers; returns the encoder
+        seconds. The adapter's prefix is not cached: its LoRA changes the prefix states too."""
+        feats, seconds = self._image_features(rgb, transform)
+        for a_i, (positions, plan) in routes.items():
+            with self.adapters[a_i].applied(self.model):
+                out = self.model.suffix(self.model.prefix(feats), plan)  # type: ignore[arg-type]
+            logits[:, positions] = postprocess_logits(out.low_res_logits.float(), transform)
+            pres[:, positions] = out.presence.float().cpu().numpy()
+        return seconds
+
     # ----------------------------------------------------------------------------------------- info
     def info(self) -> dict[str, object]:
         cfg = self.model.config
@@ -172,6 +201,7 @@ class Engine:
             "cache_mb": round((self._features.nbytes + self._prefixes.nbytes) / 2**20, 1),
             "presence_threshold": cfg.presence_threshold,
             "vocabulary": list(cfg.vocabulary),
+            "adapters": [a.summary() for a in self.adapters],
             "licence": cfg.licence or "not stated by these weights",
         }
 
@@ -312,11 +342,15 @@ class Engine:
             modality_text = MODALITY_TEXT[prep.modality]
             adapt = self._plan_adaptation(parsed, registry, otfa)  # None: no registered class, the plain path
             # Typed words become the class names the weights were trained on; registered classes stay as typed.
-            resolved = [resolve_targets(t, self.model.config.vocabulary, f"the {self.preset} weights",
-                                        keep=set(adapt.adapters[p]) if adapt is not None else set())
+            routed = [route(t, self.adapters) for t in parsed]  # targets an adapter knows go to it
+            resolved = [resolve_targets(routed[p][0], self.model.config.vocabulary, f"the {self.preset} weights",
+                                        keep=(set(adapt.adapters[p]) if adapt is not None else set())
+                                        | {i for pos in routed[p][1].values() for i in pos})
                         for p, t in enumerate(parsed)]
             targets = [r[0] for r in resolved]
             plans = [self.model.plan_prompt(t, modality_text) for t in targets]
+            adapter_plans = [{a: (pos, self.model.plan_prompt([targets[p][i] for i in pos], modality_text))
+                              for a, pos in routed[p][1].items()} for p in range(len(plans))]
             rows, cols = prep.stack.shape[1:3]
             stacks = [np.zeros((n, rows, cols), dtype=np.uint8) for _ in plans]
             presence = [np.full((len(t), n), np.nan, dtype=np.float32) for t in targets]
@@ -345,6 +379,9 @@ class Engine:
                             out = self.model.suffix(state, plan)
                             logits = postprocess_logits(out.low_res_logits.float(), prep.transform)  # (b, T, H, W)
                             pres = out.presence.float().cpu().numpy()
+                            if adapter_plans[p]:  # the base answered every target; adapters overwrite theirs
+                                timings["encoder_s"] += self._adapter_outputs(rgb, prep.transform, adapter_plans[p],
+                                                                              logits, pres)
                         if adapt is not None and adapt.adapters[p]:
                             logits, pres = adapt.apply(self.model, p, feats, rgb, prep.transform, logits, pres,
                                                        modality_text)

@@ -3,6 +3,7 @@
     rcmed-train prepare-builtin OUT [--only mni|nuclei|atlases] [--gap 4]
     rcmed-train describe DATASET_DIR [--split Tr] [--axes axial,coronal] [--describer geometric|vlm --vlm-dir DIR]
     rcmed-train fit CONFIG.yaml [--resume RUN_OR_CHECKPOINT] [--stop-after N] [--set section.key=value ...]
+    rcmed-train fit CONFIG.yaml --adapter NAME [--set model.train=[rcmed,lora,mask_decoder] ...]
     rcmed-train fit-synth CONFIG.yaml [--resume RUN] [--set section.key=value ...]    (experimental: configs/lite_synth.yaml)
 
 Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`).
@@ -69,6 +70,11 @@ def _overrides(args) -> dict:
 
 
 def _fit(args) -> int:
+    if args.adapter:
+        from .adapter import fit_adapter
+
+        print(f"adapter {args.adapter}: {fit_adapter(args.config, args.adapter, _overrides(args), args.stop_after)}")
+        return 0
     from .trainer import fit
 
     last = fit(args.config, resume=args.resume, stop_after=args.stop_after, overrides=_overrides(args))
@@ -113,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", help="a run folder (its latest checkpoint) or a checkpoints/step-N folder")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (the schedule is unchanged)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--adapter", metavar="NAME", help="train an adapter on the frozen base and save it alone in "
+                   "<run.out>/adapter (rcmed segment --adapter DIR)")
     p.set_defaults(func=_fit)
     p = sub.add_parser("fit-decoder", help="train the mask decoder alone on cached embeddings and prompts")
     p.add_argument("config")

@@ -43,6 +43,8 @@ def make_executor(args: argparse.Namespace, local_factory) -> Any:
         raise BatchUsageError("give --ray or --server, not both")
     if args.workers < 1:
         raise BatchUsageError("--workers must be at least 1")
+    if getattr(args, "adapter", None) and (args.ray or args.server):  # they would be silently left out
+        raise BatchUsageError("--adapter loads into a local engine only (for servers: rcmed serve --adapter DIR)")
     if args.ray:
         from .ray_executor import RayExecutor
 
