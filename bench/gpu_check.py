@@ -310,17 +310,39 @@ def run_part(part: str, dry: bool, budget: float) -> dict[str, Any]:
         return data
 
 
+# What the parts import beyond torch; the device image lacks some (SimpleITK, segment_anything) and
+# has another transformers than the pinned one, so they travel as wheels in .whl/ (README, benchmarks).
+NEEDED_MODULES = ("transformers", "peft", "accelerate", "SimpleITK", "segment_anything", "cv2", "sentencepiece",
+                  "safetensors", "yaml", "scipy", "zstandard")
+
+
+def preflight() -> dict[str, Any]:
+    """Missing modules and a transformers other than the pinned one, found before any part runs."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    missing = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+    pin = re.search(r'"transformers==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    try:
+        have = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        have = None
+    info: dict[str, Any] = {"missing_modules": missing, "transformers": have,
+                            "transformers_pinned": pin.group(1) if pin else None}
+    if missing:
+        print(f"gpu_check: missing modules {missing}: put their wheels in .whl/ (bench/gpu_check.sh)", file=sys.stderr)
+    if pin and have != pin.group(1):
+        print(f"gpu_check: transformers {have}, pinned {pin.group(1)}: figures may differ", file=sys.stderr)
+    return info
+
+
 def environment(dry: bool) -> dict[str, Any]:
     info: dict[str, Any] = {"dry_run": dry, "torch": torch.__version__, "python": sys.version.split()[0],
                             "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+    info["preflight"] = preflight()
     return info
 
 

@@ -35,3 +35,31 @@ def test_dry_run_writes_every_key(tmp_path):
     # The trainer raises NotImplementedError for FSDP today: recorded as skipped with the reason.
     assert result["fsdp"]["status"] == "skipped" and result["fsdp"]["skipped"]
     assert "syre-7b fast_b8" in proc.stdout  # the table
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_a_failing_part_is_one_line_in_its_json(tmp_path, monkeypatch):
+    gc = _gpu_check()
+
+    def broken(rec, dry):
+        rec.set("measured", 1.0)
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setitem(gc.PART_FUNCS, "lite", broken)
+    out = tmp_path / "lite.json"
+    gc.run_child("lite", True, out)
+    data = json.loads(out.read_text())
+    assert data["status"] == "error" and data["measured"] == 1.0  # what it measured before the failure stays
+    assert data["error"] == "RuntimeError: CUDA out of memory."
+
+
+def test_a_part_past_its_budget_is_stopped_and_recorded():
+    gc = _gpu_check()
+    data = gc.run_part("fsdp", True, budget=0.01)
+    assert data["status"] == "timeout" and "budget" in data["error"]
