@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +32,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+
+class _NoFileIO(types.ModuleType):
+    """SimpleITK's stand-in: the engine imports it for file I/O, which no part of this check does."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"SimpleITK.{name}: gpu_check runs with a SimpleITK stand-in (no file I/O)")
+
+
+def stand_in_simpleitk() -> bool:
+    """Install the stand-in where SimpleITK is missing: its 53 MB wheel and transformers' would not fit
+    together in the 64 MiB a device call takes, and only file reading needs it."""
+    try:
+        import SimpleITK  # noqa: F401
+        return False
+    except ImportError:
+        sys.modules["SimpleITK"] = _NoFileIO("SimpleITK")
+        return True
+
+
+# Before syre_gpu: it imports the engine, which imports SimpleITK.
+SIMPLEITK_STAND_IN = stand_in_simpleitk()
 
 import syre_gpu as sg  # noqa: E402  (its model, paths and timers: one definition of the naive path)
 
@@ -310,10 +335,10 @@ def run_part(part: str, dry: bool, budget: float) -> dict[str, Any]:
         return data
 
 
-# What the parts import beyond torch; the device image lacks some (SimpleITK, segment_anything) and
-# has another transformers than the pinned one, so they travel as wheels in .whl/ (README, benchmarks).
-NEEDED_MODULES = ("transformers", "peft", "accelerate", "SimpleITK", "segment_anything", "cv2", "sentencepiece",
-                  "safetensors", "yaml", "scipy", "zstandard")
+# What the parts import beyond torch; the device image lacks segment_anything and has another
+# transformers than the pinned one, so those travel as wheels in .whl/ (SimpleITK has its stand-in).
+NEEDED_MODULES = ("transformers", "peft", "accelerate", "segment_anything", "cv2", "sentencepiece", "safetensors",
+                  "yaml", "scipy")
 
 
 def preflight() -> dict[str, Any]:
@@ -329,6 +354,7 @@ def preflight() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         have = None
     info: dict[str, Any] = {"missing_modules": missing, "transformers": have,
+                            "simpleitk": "stand-in" if SIMPLEITK_STAND_IN else "installed",
                             "transformers_pinned": pin.group(1) if pin else None}
     if missing:
         print(f"gpu_check: missing modules {missing}: put their wheels in .whl/ (bench/gpu_check.sh)", file=sys.stderr)

@@ -4,7 +4,11 @@
 #   bash bench/gpu_check.sh --dry-run  # the CPU rehearsal that `make test` runs
 # It installs nothing from the network (the device machine has none): it uses the repo's .venv where
 # `make install` made one, else $RCMED_PYTHON, else python3; wheels left in .whl/ (the device README's way to
-# carry a package: e.g. transformers==5.24.0, which the code pins) are installed offline into /tmp first.
+# carry a package: transformers==5.24.0, which the code pins, and segment-anything==1.0, both missing or
+# other there; SimpleITK is not needed, gpu_check.py stands in for it) are installed offline into /tmp first.
+# Fetch them once, where PyPI answers (13.6 MB; carry .whl with the run):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl transformers==5.24.0 segment-anything==1.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${RCMED_PYTHON:-}"

@@ -63,3 +63,17 @@ def test_a_part_past_its_budget_is_stopped_and_recorded():
     gc = _gpu_check()
     data = gc.run_part("fsdp", True, budget=0.01)
     assert data["status"] == "timeout" and "budget" in data["error"]
+
+
+def test_simpleitk_stand_in_only_where_missing(monkeypatch):
+    gc = _gpu_check()
+    assert gc.stand_in_simpleitk() is False  # installed here: the real one stays
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)  # as if missing: importing it raises
+    assert gc.stand_in_simpleitk() is True
+    stub = sys.modules["SimpleITK"]
+    try:
+        stub.ReadImage("x.nii.gz")
+    except RuntimeError as exc:
+        assert "stand-in" in str(exc)
+    else:
+        raise AssertionError("the stand-in must refuse file I/O")
