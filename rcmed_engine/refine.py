@@ -229,8 +229,9 @@ def _removal(model, view: SliceView, mask: np.ndarray, point: tuple[float, float
     leak the decoder tells apart); when the leak and the target are one object to the decoder, a local cut:
     the disc inside the mask around the click, as wide as the mask is deep there. Either way, less what
     lies nearer an include click than the exclude click."""
-    piece = _component_at(mask, point)
-    labels, n = ndi.label(mask)
+    r, c = _pixel(point, mask.shape)
+    labels, n = ndi.label(mask)  # the caller made sure the click lies on the mask
+    piece = labels == labels[r, c]
     largest = n <= 1 or piece.sum() >= np.bincount(labels.ravel())[1:].max()
     if not largest and not any(piece[_pixel(k, piece.shape)] for k in keep):
         return piece, True
@@ -238,7 +239,6 @@ def _removal(model, view: SliceView, mask: np.ndarray, point: tuple[float, float
     if obj.any() and obj.sum() <= REMOVAL_MAX_SHARE * piece.sum():
         region, separate = obj, True
     else:
-        r, c = _pixel(point, mask.shape)
         depth = ndi.distance_transform_edt(np.pad(piece, 1))[1:-1, 1:-1][r, c]
         rows, cols = np.indices(mask.shape)
         region, separate = piece & ((rows - point[0]) ** 2 + (cols - point[1]) ** 2 <= (1.5 * depth) ** 2), False

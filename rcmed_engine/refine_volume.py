@@ -27,9 +27,6 @@ if TYPE_CHECKING:
     from .engine import Engine, ProgressCallback, _Prepared
     from .results import CancelToken
 
-Previous = "SegmentResult | Volume | np.ndarray | None"
-
-
 def _as_clicks(clicks: Sequence[Click | str], boxes: Sequence[Box | str] | None) -> tuple[list[Click], list[Box]]:
     out_c = [c if isinstance(c, Click) else parse_click(str(c)) for c in clicks or ()]
     out_b = [b if isinstance(b, Box) else parse_box(str(b)) for b in boxes or ()]
@@ -49,7 +46,7 @@ def _target_index(target: str | None, typed: list[str], asked: list[str]) -> int
     raise EngineError(f"a click names the target {target!r}, which the prompt does not: it asks for {', '.join(typed)}")
 
 
-def _edits(engine: "Engine", prep: "_Prepared", clicks: list[Click], boxes: list[Box], typed: list[str],
+def _edits(prep: "_Prepared", clicks: list[Click], boxes: list[Box], typed: list[str],
            asked: list[str], lo: int, hi: int) -> dict[int, dict[int, SliceEdits]]:
     """target -> slice -> its edits, in stack pixels; a one-line error for any prompt outside the image,
     outside the range, or a box without area."""
@@ -111,11 +108,14 @@ class _Views:
     """Decoder views of one target's slices, built from the engine's caches."""
 
     def __init__(self, engine: "Engine", prep: "_Prepared", target: str, text: bool) -> None:
-        self.engine, self.prep, self.text = engine, prep, text
+        self.engine, self.prep = engine, prep
         self.plan = engine.model.plan_prompt([target], MODALITY_TEXT[prep.modality]) if text else None
+        self._with_text: dict[int, SliceView] = {}  # a clicked slice is viewed by both phases: one suffix pass
 
     @torch.inference_mode()
     def __call__(self, k: int, text: bool = True) -> SliceView:
+        if text and self.plan is not None and k in self._with_text:
+            return self._with_text[k]
         prep, engine = self.prep, self.engine
         rgb = to_uint8_rgb(np.ascontiguousarray(prep.stack[k:k + 1]), prep.window)
         feats, _ = engine._image_features(rgb, prep.transform)
@@ -124,6 +124,7 @@ class _Views:
             state, _ = engine._prefix_states(rgb, prep.transform)
             out = engine.model.suffix(state, self.plan)
             view.text_embedding, view.seg = state.image_embedding, out.prompts[0, 0]
+            self._with_text[k] = view
         return view
 
 
@@ -141,9 +142,9 @@ def refine(engine: "Engine", image, prompt: str, clicks: Sequence[Click | str], 
         lo, hi = engine._check_range(slices, n)
         typed = parse_targets(prompt)
         asked = resolve_targets(typed, engine.model.config.vocabulary, f"the {engine.preset} weights")[0]
-        edits = _edits(engine, prep, clicks, boxes, typed, asked, lo, hi)
+        edits = _edits(prep, clicks, boxes, typed, asked, lo, hi)
         labels, covered = _previous_labels(previous, prep, len(typed))
-        base = _segment_first(engine, prep, prompt, labels, covered, edits, (lo, hi), modality, axis, rgb, text)
+        base = _segment_first(engine, prep, prompt, typed, labels, covered, edits, (lo, hi), axis, text)
         stack = to_slices(base.labels, prep.frame).copy()
         _check_excludes(edits, stack, asked, prep.frame.plane)
         timings = {"click_s": 0.0, "propagate_s": 0.0, "slices_carried": 0.0}
@@ -209,25 +210,19 @@ def _holds_include(region: np.ndarray, edits: SliceEdits) -> bool:
     return any(region[min(max(int(round(r)), 0), H - 1), min(max(int(round(c)), 0), W - 1)] for r, c in edits.include)
 
 
-def _segment_first(engine: "Engine", prep: "_Prepared", prompt: str, labels: np.ndarray | None,
-                   covered: set[int] | None, edits, span: tuple[int, int], modality, axis: str, rgb,
-                   text: bool) -> SegmentResult:
+def _segment_first(engine: "Engine", prep: "_Prepared", prompt: str, typed: list[str], labels: np.ndarray | None,
+                   covered: set[int] | None, edits, span: tuple[int, int], axis: str, text: bool) -> SegmentResult:
     """The earlier result to correct: the one given, with any clicked slice it never reached segmented first;
     without one, the text's own result over the range (an empty map when the text is not used)."""
-    clicked = sorted({k for per in edits.values() for k in per})
     image = prep.volume
-    if labels is None:
-        if not text:
-            n_t = len(parse_targets(prompt))
-            return SegmentResult(np.zeros(image.shape_zyx, np.uint8), image.geometry, parse_targets(prompt),
-                                 np.full((n_t, prep.stack.shape[0]), np.nan, np.float32), span, axis,
-                                 prep.modality, "", prompt, {}, engine.provenance(prompt))
+    if labels is None and text:
         return engine.segment(image, prompt, modality=prep.modality, axis=axis, slices=span)
-    result = SegmentResult(labels.copy(), image.geometry, parse_targets(prompt),
-                           np.full((len(parse_targets(prompt)), prep.stack.shape[0]), np.nan, np.float32),
-                           span, axis, prep.modality, "", prompt, {}, engine.provenance(prompt))
+    result = SegmentResult(np.zeros(image.shape_zyx, np.uint8) if labels is None else labels.copy(), image.geometry,
+                           typed, np.full((len(typed), prep.stack.shape[0]), np.nan, np.float32), span, axis,
+                           prep.modality, "", prompt, {}, engine.provenance(prompt))
+    clicked = sorted({k for per in edits.values() for k in per})
     missing = [k for k in clicked if covered is not None and k not in covered]
-    if missing and text:
+    if labels is not None and missing and text:
         stack = to_slices(result.labels, prep.frame)
         for k in missing:
             first = engine.segment(image, prompt, modality=prep.modality, axis=axis, slices=(k, k + 1))
