@@ -20,7 +20,6 @@ from typing import Sequence
 
 from .engines import DEVICES, PRESETS
 
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_SUFFIX = ".seg.nrrd"
 _TEMP_RE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp\.seg\.nrrd$")
 
@@ -29,48 +28,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 class BatchUsageError(ValueError):
     """Bad arguments or folders; reported in one line with exit status 2."""
-
-
-def scan_stem(path: Path) -> str | None:
-    """The scan's name without its image suffix, or None when the file is not a scan we read."""
-    name = path.name
-    lower = name.lower()
-    if name.startswith(".") or lower.endswith(OUTPUT_SUFFIX):
-        return None
-    for suffix in SCAN_SUFFIXES:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-@dataclass
-class BatchItem:
-    scan: Path
-    output: Path
-    action: str  # "run" or "skip"
-
-
-def plan(input_dir: Path, output_dir: Path, overwrite: bool = False) -> list[BatchItem]:
-    """What to do for every scan in ``input_dir`` (not recursive), in name order.
-
-    Two scans with the same stem (``a.nii.gz`` and ``a.nrrd``) would collide on ``a.seg.nrrd``; they get
-    their full file name instead (``a.nii.gz.seg.nrrd``).
-    """
-    if not input_dir.is_dir():
-        raise BatchUsageError(f"input folder does not exist: {input_dir}")
-    scans = sorted((p for p in input_dir.iterdir() if p.is_file() and scan_stem(p)), key=lambda p: p.name)
-    stems: dict[str, int] = {}
-    for p in scans:
-        stems[scan_stem(p).lower()] = stems.get(scan_stem(p).lower(), 0) + 1  # type: ignore[union-attr]
-    items = []
-    for p in scans:
-        stem = scan_stem(p)
-        assert stem is not None
-        name = p.name if stems[stem.lower()] > 1 else stem
-        out = output_dir / (name + OUTPUT_SUFFIX)
-        done = out.is_file() and out.stat().st_size > 0
-        items.append(BatchItem(p, out, "skip" if done and not overwrite else "run"))
-    return items
 
 
 def temp_path(output: Path) -> Path:

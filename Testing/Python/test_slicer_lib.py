@@ -458,32 +458,6 @@ def touch(path: Path, size: int = 3) -> Path:
     return path
 
 
-def test_batch_plan(tmp_path):
-    inp, out = tmp_path / "in", tmp_path / "out"
-    inp.mkdir()
-    out.mkdir()
-    for name in ("b.nii.gz", "a.nrrd", "c.mha", "dup.nii", "dup.nrrd", ".hidden.nrrd", "old.seg.nrrd",
-                 "notes.txt", "x.NII.GZ"):
-        touch(inp / name)
-    (inp / "sub.nrrd").mkdir()
-    touch(out / "a.seg.nrrd")  # done already
-    touch(out / "c.seg.nrrd", size=0)  # an empty file is not a result
-    items = batch.plan(inp, out)
-    got = {i.scan.name: (i.output.name, i.action) for i in items}
-    assert got == {
-        "a.nrrd": ("a.seg.nrrd", "skip"),
-        "b.nii.gz": ("b.seg.nrrd", "run"),
-        "c.mha": ("c.seg.nrrd", "run"),
-        "dup.nii": ("dup.nii.seg.nrrd", "run"),
-        "dup.nrrd": ("dup.nrrd.seg.nrrd", "run"),
-        "x.NII.GZ": ("x.seg.nrrd", "run"),
-    }
-    assert [i.scan.name for i in items] == sorted(got)
-    assert all(i.action == "run" for i in batch.plan(inp, out, overwrite=True))
-    with pytest.raises(batch.BatchUsageError):
-        batch.plan(tmp_path / "nope", out)
-
-
 def test_batch_atomic_writes(tmp_path):
     final = tmp_path / "scan.seg.nrrd"
     temp = batch.temp_path(final)
