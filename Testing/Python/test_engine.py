@@ -462,3 +462,16 @@ def test_vocabulary_maps_synonyms_and_notes_the_rest():
     assert engine.info()["vocabulary"] == ["caudate nucleus", "left thalamus"]
     engine.model.config.vocabulary = ()
     assert engine.segment(vol, "Caudate", modality="MR").targets == ["Caudate"]  # no vocabulary: as typed
+
+
+def test_gpu_lookahead_batches_match_the_plain_ones():
+    """On CUDA the next batch is windowed and hashed on a helper thread: same batches, same order."""
+    engine = Engine(load_preset("tiny"), device="cpu", batch_size=3)
+    vol = np.random.default_rng(0).normal(0, 300, size=(8, 20, 24)).astype(np.int16)
+    prep = engine.prepare(vol, "CT", "axial")
+    plain = list(engine._batches(prep, 1, 8))
+    engine.device = torch.device("cuda")  # only _batches reads it here: the lookahead branch on a CPU
+    ahead = list(engine._batches(prep, 1, 8))
+    assert [b[0] for b in plain] == [[1, 2, 3], [4, 5, 6], [7]]
+    for (i1, r1, k1), (i2, r2, k2) in zip(plain, ahead, strict=True):
+        assert i1 == i2 and k1 == k2 and np.array_equal(r1, r2)

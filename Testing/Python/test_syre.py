@@ -1007,3 +1007,19 @@ def test_from_pretrained_refuses_other_folders(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a SyRe weights folder"):
         Engine.from_pretrained(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("grid, window", [(16, 0), (20, 7), (14, 14)])
+def test_fast_sam_block_matches_segment_anything(grid, window):
+    """Relative positions folded into q and k give segment-anything's block output (global, padded and
+    exact windows)."""
+    from rcmed_engine.model.fast_path import SamBlock, fast_block_forward
+
+    torch.manual_seed(0)
+    size = window if window else grid
+    blk = SamBlock(dim=64, num_heads=4, use_rel_pos=True, window_size=window, input_size=(size, size)).eval()
+    with torch.no_grad():
+        blk.attn.rel_pos_h.normal_(0, 0.5)
+        blk.attn.rel_pos_w.normal_(0, 0.5)
+        x = torch.randn(2, grid, grid, 64)
+        torch.testing.assert_close(fast_block_forward(blk, x), SamBlock.forward(blk, x), rtol=1e-5, atol=1e-5)
