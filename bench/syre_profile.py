@@ -4,6 +4,7 @@ A diagnostic to run beside ``bench/gpu_check.sh`` when a device is lent (random 
 
 * **stages**: ms per slice of each stage of the engine's fast path at batch 8 (CPU preparation, image
   encoder, prefix, suffix LLM, mask decoder, postprocessing), and of the naive path's encoder and LLM;
+* **backends**: the whole engine call at batch 1 and 8 under each order of SDPA kernels;
 * **blocks**: one global and one windowed SAM block, segment-anything's forward against ours, eager and
   compiled, and which SDPA kernels accept our call;
 * **profile**: the top CUDA kernels of one engine call on 8 slices, and GPU busy time against wall time.
@@ -123,6 +124,34 @@ def blocks(model, device: torch.device, dtype: torch.dtype, batch: int, repeats:
     return out
 
 
+def backends(model, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+    """ms per slice of the whole engine call at batch 1 and 8 with each order of SDPA kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enable_fast_path(model)
+    orders = {"default": None,
+              "flash_efficient": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+              "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+              "cudnn_first": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.MATH]}
+    size = model.config.image_encoder.image_size
+    res: dict[str, Any] = {}
+    for batch in (1, 8):
+        engine = Engine(LoadedModel(model, "random", None), device=device, batch_size=batch, dtype=dtype)
+        slices = sg.random_slices(batch, size, seed=20 + batch)
+        for name, order in orders.items():
+            def run() -> Any:
+                if order is None:
+                    return sg.ours_volume(engine, slices)
+                with sdpa_kernel(order, set_priority=True):
+                    return sg.ours_volume(engine, slices)
+            try:
+                res[f"{name}_b{batch}_ms"] = 1e3 * clock(run, device, repeats)[0] / batch
+            except Exception as exc:  # noqa: BLE001
+                res[f"{name}_b{batch}_ms"] = f"error: {str(exc).splitlines()[0][:100]}"
+    return res
+
+
 def profile(model, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, Any]:
     """Top CUDA kernels of one engine call on ``batch`` slices; GPU busy time against wall time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -152,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--sections", default="stages,profile,blocks")
+    parser.add_argument("--sections", default="stages,backends,profile,blocks")
     args = parser.parse_args(argv)
     dry = args.dry_run
     out = Path(args.out or Path(__file__).parent / "results" / ("syre_profile_dry.json" if dry else "syre_profile.json"))
@@ -171,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=2, default=str))
 
     wanted = args.sections.split(",")
-    if {"stages", "blocks", "profile"} & set(wanted):
+    if {"stages", "backends", "blocks", "profile"} & set(wanted):
         torch.backends.cuda.matmul.allow_tf32 = True
         model, device, dtype = gc.build_syre(dry)
         for name, fn in (("stages", lambda: stages(model, device, dtype, batch, repeats)),
+                         ("backends", lambda: backends(model, device, dtype, repeats)),
                          ("profile", lambda: profile(model, device, dtype, batch)),
                          ("blocks", lambda: blocks(model, device, dtype, batch, repeats))):
             if name in wanted:
