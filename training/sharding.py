@@ -50,8 +50,11 @@ def launch_settings(run, env=os.environ):
         if version != "2":
             raise UnsupportedLaunch(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate "
                                     "config (configs/accelerate_syre7b_fsdp.yaml)")
-        if _env_true(env, "FSDP_OFFLOAD_PARAMS"):
-            raise UnsupportedLaunch("FSDP parameter offload is not supported: set fsdp_offload_params: false")
+        for key, want in (("FSDP_OFFLOAD_PARAMS", False), ("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", False),
+                          ("FSDP_RESHARD_AFTER_FORWARD", True)):
+            if _env_true(env, key, str(want)) != want:
+                raise UnsupportedLaunch(f"{key.lower()}: {str(not want).lower()} is not supported under FSDP: "
+                                        f"set it to {str(want).lower()} in the accelerate config")
         mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
         if mixed not in ("no", "bf16"):
             raise UnsupportedLaunch(f"mixed precision {mixed!r} is not supported under FSDP: use bf16 or no "
