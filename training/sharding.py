@@ -64,7 +64,8 @@ def launch_settings(run, env=os.environ):
     if run.strategy not in STRATEGIES:
         raise UnsupportedLaunch(f"run.strategy must be one of {list(STRATEGIES)}, not {run.strategy!r}")
     if run.mixed_precision not in MIXED_PRECISION:
-        raise UnsupportedLaunch(f"run.mixed_precision must be one of {list(MIXED_PRECISION)}, not {run.mixed_precision!r}")
+        raise UnsupportedLaunch(f"run.mixed_precision must be one of {list(MIXED_PRECISION)}, "
+                                f"not {run.mixed_precision!r}")
     if run.strategy == "ddp" and (run.mixed_precision != "auto" or run.activation_checkpointing):
         raise UnsupportedLaunch("run.mixed_precision and run.activation_checkpointing apply to run.strategy: fsdp")
     if run.strategy == "fsdp" and "WORLD_SIZE" not in env:

@@ -440,7 +440,7 @@ class CheckpointMixin:
             load_sharded(folder / "sharded", self.sharded.module, self.optimizer)
         else:
             if not (folder / "trainable.safetensors").is_file():
-                raise ValueError(f"{folder} was written by an FSDP run (sharded/): resume it under the same FSDP launch")
+                raise ValueError(f"{folder} was written by an FSDP run (sharded/): resume it under an FSDP launch")
             self._load_trainable(folder)
             self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
