@@ -6,7 +6,9 @@
     rcmed-train fit CONFIG.yaml --adapter NAME [--set model.train=[rcmed,lora,mask_decoder] ...]
     rcmed-train fit-synth CONFIG.yaml [--resume RUN] [--set section.key=value ...]    (experimental: configs/lite_synth.yaml)
 
-Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`).
+Multi-process: `torchrun --nproc_per_node N -m rcmed_training.cli fit CONFIG.yaml` (or `accelerate launch`): DDP;
+sharded (FSDP2): `accelerate launch --config_file configs/accelerate_syre7b_fsdp.yaml -m rcmed_training.cli fit CONFIG.yaml`
+or torchrun with `--set run.strategy=fsdp`. DeepSpeed launches are refused in one line.
 """
 
 from __future__ import annotations

@@ -43,11 +43,15 @@ from .crd import DescriptionCache, make_describer
 from .data import DEFAULT_MIX, LabelledVolumes, Sample, SliceRef, TripletSampler
 from .features import FeatureCache
 from .losses import LossWeights
+from .sharding import Sharded, full, full_trained_state, launch_settings, load_sharded, save_sharded, shard_loss_module
 from .step import EncodedSample, forward_losses
 
 PARTS = ("rcmed", "vl_projection", "text_hidden_fcs", "lv_projection", "lora", "added_tokens", "mask_decoder",
          "prompt_encoder", "image_encoder", "language_model")
 RCMED_PARTS = ("vl_projection", "text_hidden_fcs", "lv_projection")  # what "rcmed" stands for
+# SAM's IoU head: no loss reads its output, so it never has a gradient and never trained. Frozen, it stays out of
+# the optimizer (AdamW would decay the zero gradient FSDP hands every trainable parameter of a forward's root).
+NO_GRADIENT = ("mask_decoder.iou_prediction_head.",)
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAVE_PREFIXES = {"mask_decoder": "mask_decoder.", "prompt_encoder": "prompt_encoder.",
                  "image_encoder": "image_encoder.", "language_model": "language_model."}
@@ -138,6 +142,9 @@ class RunConfig:
     save_every: int = 100
     threads: int | None = None
     save_dtype: str = "float32"  # the final checkpoint's tensors: float32, float16 or bfloat16
+    strategy: str = "ddp"  # several processes: "ddp" (replicas) or "fsdp" (sharded; an accelerate FSDP launch sets it)
+    mixed_precision: str = "auto"  # fsdp: "bf16" layers with fp32 master weights, "no", or "auto" (bf16 on CUDA)
+    activation_checkpointing: bool = False  # fsdp: recompute each decoder layer / encoder block in backward
 
 
 FLOAT_KEYS = ("lr", "weight_decay", "ce", "bce", "dice", "boundary", "presence", "negative_fraction",
@@ -239,7 +246,8 @@ def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None
     whole = tuple(prefix for part, prefix in SAVE_PREFIXES.items() if part in parts)
     for name, p in model.named_parameters():
         lora = "lora" in parts and ".lora_" in name and (_layer_index(name) or 0) >= first_lora
-        if (own and name.startswith(own)) or lora or (whole and name.startswith(whole)):
+        if ((own and name.startswith(own)) or lora or (whole and name.startswith(whole))) \
+                and not name.startswith(NO_GRADIENT):
             p.requires_grad_(True)
     if first_lora:
         # Frozen adapters below the trained layers: their dropout masks are a tenth of a CPU step for nothing.
@@ -254,6 +262,7 @@ def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None
         keep[rows] = 1.0
         embed.register_hook(lambda g: g * keep.to(g))  # only the added tokens' rows learn
         embed._rcmed_rows_only = True  # type: ignore[attr-defined]
+        embed._rcmed_row_mask = keep  # type: ignore[attr-defined]  (FSDP re-applies it: its parameter drops the hook)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -280,17 +289,35 @@ def cached_encoder(model: RCMed, features: ImageFeatures | None):
 
 
 class LossModule(nn.Module):
-    """RCMed plus its losses as one module, so DDP's reducer sees the whole pass through ``forward``."""
+    """RCMed plus its losses as one module, so DDP's reducer and FSDP's root see the whole pass through
+    ``forward``. Without ``masks`` it returns ``predict_masks`` (validation: under FSDP only a forward of
+    the root gathers the parameters)."""
 
     def __init__(self, model: RCMed, weights: LossWeights) -> None:
         super().__init__()
         self.rcmed = model
         self.weights = weights
+        self.touch_unused = False  # set by shard_loss_module
 
-    def forward(self, pixels: torch.Tensor, samples: list[EncodedSample], masks: list[torch.Tensor],
-                features: ImageFeatures | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, samples: list[EncodedSample], masks: list[torch.Tensor] | None = None,
+                features: ImageFeatures | None = None) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+        if masks is None:
+            return predict_masks(self.rcmed, pixels, samples, features)
         with cached_encoder(self.rcmed, features):
-            return forward_losses(self.rcmed, pixels, samples, masks, self.weights)
+            losses = forward_losses(self.rcmed, pixels, samples, masks, self.weights)
+        if self.touch_unused:
+            losses["total"] = losses["total"] + _zero_touch(self)
+        return losses
+
+
+def _zero_touch(module: nn.Module) -> torch.Tensor | float:
+    """0 x the trainable parameters FSDP has gathered for this forward (the root's). A rank whose batch
+    skipped the mask decoder (all negatives) then still hands FSDP a zero gradient for it, as DDP's
+    find_unused_parameters does: FSDP2's reduce-scatter needs the same gradients on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    sums = [p.sum().float() for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    return 0.0 * torch.stack(sums).sum() if sums else 0.0
 
 
 @torch.no_grad()
@@ -338,38 +365,88 @@ def make_optimizer(parameters, o: OptimConfig):
 
 
 def param_digest(model: nn.Module) -> dict[str, str]:
-    """SHA-256 per trainable parameter: equal across ranks iff they are in sync."""
-    return {n: hashlib.sha256(p.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    """SHA-256 per trainable parameter: equal across ranks iff they are in sync. Sharded parameters are
+    gathered first (then every rank must call this)."""
+    return {n: hashlib.sha256(full(p.detach()).cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename: a reader never meets half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_folder(folder: str | Path) -> Path:
+    """A checkpoints/step-N folder as given, or a run folder's latest complete one (trainer_state.pt is
+    written last)."""
+    folder = Path(folder)
+    if folder.name != "latest" and (folder / "trainer_state.pt").is_file():
+        return folder
+    found = [p for p in (folder / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file()] \
+        if (folder / "checkpoints").is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
+    return max(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 class CheckpointMixin:
     """Saving and resuming a run: ``self`` has cfg (with model.train, run.save_dtype, to_dict()), model,
-    trainable, optimizer, scheduler and step."""
+    trainable, optimizer, scheduler and step; under FSDP also ``sharded`` and ``rank``, and then every rank
+    calls save and resume."""
+
+    sharded: Sharded | None = None
 
     def save(self, folder: Path, final: bool = False) -> Path:
         include = tuple(SAVE_PREFIXES[p] for p in self.cfg.model.train if p in SAVE_PREFIXES)
         if final:
             self.model.config.trained = True
         dtype = SAVE_DTYPES[self.cfg.run.save_dtype] if final else torch.float32
-        save_checkpoint(self.model, folder, include=include, dtype=dtype,
-                        metadata={"trained": "true", "step": str(self.step), "parts": ",".join(self.cfg.model.train)})
+        meta = {"trained": "true", "step": str(self.step), "parts": ",".join(self.cfg.model.train)}
+        if self.sharded is not None:
+            return self._save_sharded(folder, include, dtype, meta)
+        save_checkpoint(self.model, folder, include=include, dtype=dtype, metadata=meta)
         state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(state, str(folder / "trainable.safetensors"))
-        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict()},
-                   folder / "trainer_state.pt")
+        _atomic(folder / "trainable.safetensors", lambda p: save_file(state, str(p)))
+        _atomic(folder / "trainer_state.pt", lambda p: torch.save(
+            {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+             "config": self.cfg.to_dict()}, p))
         (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         return folder
 
+    def _save_sharded(self, folder: Path, include: tuple[str, ...], dtype: torch.dtype, meta: dict) -> Path:
+        """The gathered trained parts (rank 0 writes model.safetensors, what ``--weights`` reads), every
+        rank's shards in sharded/, then trainer_state.pt (step and schedule), which marks it complete."""
+        state = full_trained_state(self.model, include, dtype, keep=self.rank == 0)
+        if self.rank == 0:
+            save_checkpoint(self.model, folder, include=include, dtype=dtype, metadata=meta, state=state)
+        save_sharded(folder / "sharded", self.sharded.module, self.optimizer)
+        if self.rank == 0:
+            _atomic(folder / "trainer_state.pt", lambda p: torch.save(
+                {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
+                 "strategy": "fsdp"}, p))
+            (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        dist.barrier()
+        return folder
+
     def resume(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        if folder.name == "latest" or not (folder / "trainer_state.pt").is_file():
-            latest = sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])) \
-                if (folder / "checkpoints").is_dir() else []
-            if not latest:
-                raise FileNotFoundError(f"no checkpoint to resume from in {folder}")
-            folder = latest[-1]
+        folder = checkpoint_folder(folder)
+        # Optimizer and scheduler state are tensors and plain numbers: no pickled objects are accepted.
+        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
+        if self.sharded is not None:
+            if not (folder / "sharded").is_dir():
+                raise ValueError(f"{folder} was written by a DDP run (no sharded/): resume it with run.strategy: ddp")
+            load_sharded(folder / "sharded", self.sharded.module, self.optimizer)
+        else:
+            if not (folder / "trainable.safetensors").is_file():
+                raise ValueError(f"{folder} was written by an FSDP run (sharded/): resume it under an FSDP launch")
+            self._load_trainable(folder)
+            self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        self.step = int(ts["step"])
+
+    def _load_trainable(self, folder: Path) -> None:
         state = load_file(str(folder / "trainable.safetensors"))
         params = dict(self.model.named_parameters())
         missing = [n for n in self.trainable if n not in state]
@@ -378,36 +455,50 @@ class CheckpointMixin:
         with torch.no_grad():
             for n in self.trainable:
                 params[n].copy_(state[n].to(params[n]))
-        # Optimizer and scheduler state are tensors and plain numbers: no pickled objects are accepted.
-        ts = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(ts["optimizer"])
-        self.scheduler.load_state_dict(ts["scheduler"])
-        self.step = int(ts["step"])
 
 
 class Trainer(CheckpointMixin):
     def __init__(self, cfg: TrainConfig) -> None:
+        # What this launch runs is settled before any work: one the loop cannot run fails here, in one line.
+        cfg = dataclasses.replace(cfg, run=launch_settings(cfg.run))
         self.cfg = cfg
         self.rank, self.world = _dist_env()
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
-                os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-            # The loop shards nothing itself: running it under a ZeRO/FSDP launch would silently be DDP.
-            raise NotImplementedError("the fit loop runs DDP; the DeepSpeed ZeRO-2 / FSDP path for syre-7b "
-                                      "(configs/deepspeed_zero2.json) is not implemented yet")
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                    else "cpu")
-        if self.world > 1 and not dist.is_initialized():
+        fsdp = cfg.run.strategy == "fsdp"
+        self.owns_process_group = (self.world > 1 or fsdp) and not dist.is_initialized()
+        if self.owns_process_group:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(cfg.run.out)
-        self.model = build_training_model(cfg.model).to(self.device)
+        self.model = build_training_model(cfg.model)
+        if not fsdp:  # FSDP moves each group to the device as it shards it: no full copy per GPU
+            self.model.to(self.device)
         self.trainable = set_trainable(self.model, cfg.model.train, cfg.model.lora_layers)
         self.model.train()
+        self.module = LossModule(self.model, cfg.loss)
+        self.ddp: nn.Module = self.module
+        if fsdp:
+            self.sharded = shard_loss_module(self.module, self.device, cfg.run.mixed_precision,
+                                             cfg.run.activation_checkpointing)
+        elif self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.module, find_unused_parameters=True,
+                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # After sharding, which replaces the parameters the optimizer must hold.
+        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), cfg.optim)
         self.feature_cache = None
         if cfg.model.cache_features:
             self.feature_cache = FeatureCache(cfg.model.feature_cache or self.out / "feature_cache", self.model)
-        mc = self.model.config
+        self._data()
+        self.step = 0
+
+    def _data(self) -> None:
+        cfg, mc = self.cfg, self.model.config
         bgr = mc.prompt.channel_order == "bgr"
         self.describer = make_describer(cfg.data.describer, cfg.data.vlm_dir)
         samplers, self.val = [], []
@@ -418,16 +509,6 @@ class Trainer(CheckpointMixin):
                 vs = TripletSampler(vdata, mc.image_encoder.image_size, mc.pixel_mean, mc.pixel_std, bgr)
                 self.val += vs.validation(cfg.data.val_slices, cfg.run.seed)
         self.sampler = samplers[0] if len(samplers) == 1 else MultiSampler(samplers, cfg.data.foreign_fraction)
-        o = cfg.optim
-        self.optimizer, self.scheduler = make_optimizer(self.model.parameters(), o)
-        self.module = LossModule(self.model, cfg.loss)
-        self.ddp = self.module
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(self.module, find_unused_parameters=True,
-                                               device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.step = 0
 
     def _sampler(self, root: str, mc, bgr: bool) -> TripletSampler:
         cfg = self.cfg
@@ -464,15 +545,22 @@ class Trainer(CheckpointMixin):
         totals: dict[str, float] = {}
         for micro in range(o.grad_accum):
             pixels, enc, masks, feats = self._batch(self.step, micro)
-            ctx = self.ddp.no_sync() if (self.world > 1 and micro < o.grad_accum - 1) else contextlib.nullcontext()
+            last = micro == o.grad_accum - 1
+            ctx = contextlib.nullcontext()
+            if self.sharded is not None:
+                self.sharded.grad_sync(last)  # reduce-scatter once, after the last micro-batch
+            elif self.world > 1 and not last:
+                ctx = self.ddp.no_sync()
             with ctx:
                 losses = self.ddp(pixels, enc, masks, feats)
                 (losses["total"] / o.grad_accum).backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / o.grad_accum
+        if self.sharded is not None:
+            self.sharded.mask_rows()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if o.grad_clip:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+        if o.grad_clip:  # over sharded gradients the norm is a DTensor: its full value is the global norm
+            totals["grad_norm"] = float(full(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)))
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -481,7 +569,8 @@ class Trainer(CheckpointMixin):
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean Dice of the teacher-forced masks over the validation slices (within the unpadded area)."""
+        """Mean Dice of the teacher-forced masks over the validation slices (within the unpadded area).
+        Under FSDP every rank runs it (each forward gathers parameters from all)."""
         if not self.val:
             return float("nan")
         self.model.eval()
@@ -490,7 +579,7 @@ class Trainer(CheckpointMixin):
             for i in range(0, len(self.val), max(1, self.cfg.optim.batch_size)):
                 chunk = self.val[i:i + self.cfg.optim.batch_size]
                 pixels, enc, masks, feats = self._tensors(chunk)
-                for logit, truth in zip(predict_masks(self.model, pixels, enc, feats), masks):
+                for logit, truth in zip(self.module(pixels, enc, None, feats), masks):
                     for lg, t in zip(logit, truth.to(logit.device)):
                         p, g = lg > 0, t > 0.5
                         denom = int(p.sum() + g.sum())
@@ -527,19 +616,20 @@ class Trainer(CheckpointMixin):
                 self.log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{m['total']:.3f}")
-            if r.val_every and (self.step % r.val_every == 0 or self.step == end) and self.rank == 0 and self.val:
+            every_rank = self.rank == 0 or self.sharded is not None  # sharded: collectives, every rank takes part
+            if r.val_every and (self.step % r.val_every == 0 or self.step == end) and every_rank and self.val:
                 d = self.validate()
                 self.log({"step": self.step, "val_dice": round(d, 6)})
-            if self.rank == 0 and r.save_every and (self.step % r.save_every == 0 or self.step == end):
+            if every_rank and r.save_every and (self.step % r.save_every == 0 or self.step == end):
                 self.save(self.out / "checkpoints" / f"step-{self.step}")
         bar.close()
+        if (self.rank == 0 or self.sharded is not None) and self.step >= total:
+            self.save(self.out / "final", final=True)
         if self.rank == 0:
-            if self.step >= total:
-                self.save(self.out / "final", final=True)
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")
         digest = param_digest(self.model)
         (self.out / f"params_rank{self.rank}.json").write_text(json.dumps({"step": self.step, "digest": digest}))
-        if self.world > 1:
+        if dist.is_initialized():
             dist.barrier()
         return last
 
@@ -599,5 +689,5 @@ def fit(config: str | Path | TrainConfig, resume: str | None = None, stop_after:
     try:
         return trainer.fit(stop_after)
     finally:
-        if trainer.world > 1 and dist.is_initialized():
+        if trainer.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()

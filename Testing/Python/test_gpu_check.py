@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 SYRE_KEYS = [f"{path}_b{b}" for path in ("naive", "fast", "fast_compile") for b in (1, 8)]
 
@@ -32,8 +34,10 @@ def test_dry_run_writes_every_key(tmp_path):
     assert lite["agreement_cpu_fp32_vs_cpu"] >= 0.999 and lite["cpu"]["ms_per_slice"] > 0
     lora = result["lora_step"]
     assert lora["samples_per_s"] > 0 and lora["trainable_parameters"] > 0 and "peak_gib" in lora
-    # The trainer raises NotImplementedError for FSDP today: recorded as skipped with the reason.
-    assert result["fsdp"]["status"] == "skipped" and result["fsdp"]["skipped"]
+    fsdp = result["fsdp"]  # the trainer's FSDP2 path, one rank (gloo here, NCCL on the device)
+    assert fsdp["status"] == "ok", fsdp.get("error")
+    assert fsdp["world_size"] == 1 and fsdp["why_one_process"] and fsdp["fsdp_groups"] > 1
+    assert fsdp["samples_per_s"] > 0 and np.isfinite(fsdp["loss"]) and fsdp["dcp_mib"] > 0
     assert "syre-7b fast_b8" in proc.stdout  # the table
 
 

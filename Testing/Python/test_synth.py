@@ -272,7 +272,9 @@ def test_fit_synth_trains_the_v_l_projection_and_every_lora_layer(phantom, tmp_p
     names = set(trainer.trainable)
     assert any(n.startswith("vl_projection.") for n in names)
     decoder = {n for n, _ in trainer.model.named_parameters() if n.startswith("mask_decoder.")}
-    assert decoder and decoder <= names  # the whole mask decoder learns
+    iou_head = {n for n in decoder if n.startswith("mask_decoder.iou_prediction_head.")}
+    assert iou_head and decoder - iou_head <= names  # the whole decoder learns but the IoU head (no loss reads it)
+    assert not iou_head & names
     assert not any(n.startswith(("image_encoder.", "prompt_encoder.")) for n in names)
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n in names if ".lora_" in n}
     assert layers == set(range(trainer.model.language_model.config.num_hidden_layers))

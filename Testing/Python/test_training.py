@@ -5,6 +5,7 @@ All on the ``tiny`` preset and small synthetic or cropped data; each test is tim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -308,26 +309,157 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert steps == {6}
 
 
-def test_two_process_gloo_ranks_stay_in_sync(synth, tmp_path):
-    cfg = tiny_cfg(synth, tmp_path / "ddp", **{"optim.total_steps": 4})
-    path = tmp_path / "ddp.yaml"
+def child_env() -> dict[str, str]:
+    """A torchrun child imports the rcmed_training this process imported (the installed one may be another
+    checkout's), and this checkout's rcmed_engine."""
+    import rcmed_training
+
+    here = str(Path(rcmed_training.__file__).parent.parent)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([here, str(REPO)])}
+
+
+def torchrun_fit(cfg: TrainConfig, path: Path, *extra: str) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rcmed_training.cli", "fit", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=REPO)
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rcmed_training.cli",
+           "fit", str(path), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=child_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = json.loads((tmp_path / "ddp" / "params_rank0.json").read_text())
-    r1 = json.loads((tmp_path / "ddp" / "params_rank1.json").read_text())
-    assert r0["step"] == r1["step"] == 4
+
+
+def log_rows(run: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if key in r}
+
+
+# Five steps, a checkpoint at 3, validation at 5: the run DDP and FSDP both make.
+TWO_PROCESS = {"optim.total_steps": 5, "run.save_every": 3, "run.val_every": 5}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synth, tmp_path_factory) -> tuple[TrainConfig, Path]:
+    out = tmp_path_factory.mktemp("two") / "ddp"
+    cfg = tiny_cfg(synth, out, **TWO_PROCESS)
+    torchrun_fit(cfg, out.with_suffix(".yaml"))
+    return cfg, out
+
+
+def test_two_process_gloo_ranks_stay_in_sync(ddp_run):
+    cfg, out = ddp_run
+    r0 = json.loads((out / "params_rank0.json").read_text())
+    r1 = json.loads((out / "params_rank1.json").read_text())
+    assert r0["step"] == r1["step"] == 5
     assert r0["digest"] == r1["digest"]
-    totals = {}
-    for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        totals[rec["step"]] = rec["total"]
-    assert len(totals) == 4
+    assert sorted(log_rows(out, "total")) == [1, 2, 3, 4, 5]
     # Trained: the synced parameters moved away from the common initialisation.
     init = param_digest(Trainer(cfg).model)
     assert init != r0["digest"]
+
+
+def test_fsdp_matches_ddp_and_resumes_exactly(synth, ddp_run, tmp_path):
+    """2 gloo processes, FSDP2 with activation checkpointing: DDP's losses step by step, a gathered final
+    checkpoint the engine loads, and a resume from the sharded step-3 checkpoint that is the same run."""
+    _, ddp = ddp_run
+    run = tmp_path / "fsdp"
+    cfg = tiny_cfg(synth, run, **TWO_PROCESS, **{"run.strategy": "fsdp", "run.activation_checkpointing": True})
+    torchrun_fit(cfg, tmp_path / "fsdp.yaml")
+    want, got = log_rows(ddp, "total"), log_rows(run, "total")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert max(abs(got[s] - want[s]) for s in want) <= 1e-5, (want, got)
+    assert log_rows(run, "val_dice") == pytest.approx(log_rows(ddp, "val_dice"), abs=1e-5)
+    r0, r1 = (json.loads((run / f"params_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["digest"] == r1["digest"]  # both ranks gathered the same full parameters
+    # The gathered trained parts: DDP's keys and values, and the engine takes them as --weights.
+    a, b = load_file(str(ddp / "final" / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    from rcmed_engine.model.presets import load_preset
+
+    assert not load_preset("tiny", run / "final").report.missing
+    step3 = run / "checkpoints" / "step-3"
+    assert (step3 / "sharded" / ".metadata").is_file() and not (step3 / "trainable.safetensors").exists()
+    assert torch.load(step3 / "trainer_state.pt", weights_only=True)["step"] == 3
+    # Resumed from step 3 in another folder: steps 4 and 5 and the parameters are the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    torchrun_fit(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(resumed))),
+                 tmp_path / "resumed.yaml", "--resume", str(step3))
+    assert log_rows(resumed, "total") == {s: got[s] for s in (4, 5)}
+    assert json.loads((resumed / "params_rank0.json").read_text()) == r0
+
+
+def test_fsdp_recomputes_layers_in_bf16_with_fp32_master_weights(synth, tmp_path, monkeypatch):
+    """A 1-rank gloo group in this process: with activation checkpointing each decoder layer runs twice a step
+    (forward, then recomputed in backward), in bf16 under run.mixed_precision: bf16, while the sharded LoRA
+    weights and their gradients stay fp32; the frozen encoder (not sharded) serves the feature cache."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tr = Trainer(tiny_cfg(synth, tmp_path / "run", **{"run.strategy": "fsdp", "run.mixed_precision": "bf16",
+                                                          "run.activation_checkpointing": True,
+                                                          "model.cache_features": True}))
+        seen = []
+        layers = tr.model.language_model.model.layers
+        for layer in layers:
+            # A pre-hook: the recomputation stops inside the MLP once backward has what it needs.
+            layer.mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+        assert np.isfinite(tr.train_step()["total"])
+        assert seen == [torch.bfloat16] * (2 * len(layers))
+        lora = [p for n, p in tr.model.named_parameters() if ".lora_" in n and p.requires_grad]
+        assert lora and all(isinstance(p, DTensor) and p.dtype == p.grad.dtype == torch.float32 for p in lora)
+        assert tr.feature_cache.misses == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unsupported_launch_fails_before_any_work(synth, tmp_path, monkeypatch, capsys):
+    import rcmed_training.trainer as trainer_module
+    from rcmed_training.cli import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built before the launch was checked")
+
+    monkeypatch.setattr(trainer_module, "build_training_model", no_work)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg(synth, tmp_path / "run").to_dict()))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["fit", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DeepSpeed" in err and "accelerate_syre7b_fsdp.yaml" in err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["fit", str(path), "--set", "run.strategy=fsdp"]) == 2  # FSDP outside a launcher
+    assert "needs a launcher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"FSDP_VERSION": "1"}, "fsdp_version: 2"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "fp16"),
+])
+def test_fsdp_launch_settings_refused(env, reason):
+    from rcmed_training.sharding import UnsupportedLaunch, launch_settings
+    from rcmed_training.trainer import RunConfig
+
+    base = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}
+    with pytest.raises(UnsupportedLaunch, match=reason):
+        launch_settings(RunConfig(), {**base, **env})
+
+
+def test_shipped_accelerate_fsdp_config_launches_fsdp():
+    """accelerate's own launcher reads configs/accelerate_syre7b_fsdp.yaml; the loop takes what it sets."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from rcmed_training.sharding import launch_settings
+    from rcmed_training.trainer import RunConfig
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "configs" / "accelerate_syre7b_fsdp.yaml"),
+                                               "-m", "rcmed_training.cli", "fit", "x.yaml"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    run = launch_settings(RunConfig(), {**env, "WORLD_SIZE": "8"})
+    assert (run.strategy, run.mixed_precision, run.activation_checkpointing) == ("fsdp", "bf16", True)
+    assert launch_settings(RunConfig(), {"WORLD_SIZE": "2"}).strategy == "ddp"  # torchrun alone: DDP
 
 
 def test_shipped_configs_parse():

@@ -75,11 +75,14 @@ def trained_state_dict(model: RCMed, include: tuple[str, ...] = (),
 
 
 def save_checkpoint(model: RCMed, folder: str | Path, include: tuple[str, ...] = (),
-                    metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write config and trained parts atomically (temp files, then rename)."""
+                    metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config and trained parts atomically (temp files, then rename). ``state``: the tensors, where the
+    caller gathered them itself (a sharded model); else ``trained_state_dict(model, include, dtype)``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = trained_state_dict(model, include, dtype)
+    if state is None:
+        state = trained_state_dict(model, include, dtype)
     meta = {"format": "pt", "rcmed_preset": model.config.preset, **(metadata or {})}
     for name, writer in ((WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta)),
                          (CONFIG_NAME, lambda p: model.config.save(p))):
