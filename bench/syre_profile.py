@@ -171,7 +171,10 @@ def profile(model, device: torch.device, dtype: torch.dtype, batch: int) -> dict
     kernels = [ev for ev in events if getattr(ev, attr, 0) > 0]
     kernels.sort(key=lambda ev: getattr(ev, attr), reverse=True)
     device_us = sum(getattr(ev, "self_device_time_total", 0) for ev in events) if device.type == "cuda" else None
-    return {"wall_ms": 1e3 * wall, "device_busy_ms": None if device_us is None else device_us / 1e3,
+    by_cpu = sorted(events, key=lambda ev: ev.self_cpu_time_total, reverse=True)[:10]
+    return {"batch": batch, "wall_ms": 1e3 * wall, "device_busy_ms": None if device_us is None else device_us / 1e3,
+            "top_cpu": [{"name": ev.key[:90], "self_cpu_ms": ev.self_cpu_time_total / 1e3, "calls": ev.count}
+                        for ev in by_cpu],
             "top": [{"name": ev.key[:90], "total_ms": getattr(ev, attr) / 1e3, "calls": ev.count,
                      "self_ms": getattr(ev, "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total") / 1e3}
                     for ev in kernels[:30]]}
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--sections", default="stages,backends,profile,blocks")
+    parser.add_argument("--profile-batch", type=int, default=None, help="slices in the profiled call (default 8)")
     args = parser.parse_args(argv)
     dry = args.dry_run
     out = Path(args.out or Path(__file__).parent / "results" / ("syre_profile_dry.json" if dry else "syre_profile.json"))
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         model, device, dtype = gc.build_syre(dry)
         for name, fn in (("stages", lambda: stages(model, device, dtype, batch, repeats)),
                          ("backends", lambda: backends(model, device, dtype, repeats)),
-                         ("profile", lambda: profile(model, device, dtype, batch)),
+                         ("profile", lambda: profile(model, device, dtype, args.profile_batch or batch)),
                          ("blocks", lambda: blocks(model, device, dtype, batch, repeats))):
             if name in wanted:
                 record(name, fn)
