@@ -243,17 +243,12 @@ def part_lite(rec: Recorder, dry: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ LoRA step
-def add_lora(model, device: torch.device, dtype: torch.dtype) -> None:
-    """LoRA on the LLaMA as the trainer's presets put it (the released weights ship merged, without)."""
-    from peft import LoraConfig, inject_adapter_in_model
+def add_lora(model) -> None:
+    """LoRA on the LLaMA as the trainer puts it on syre-7b (the released weights ship merged, without)."""
+    from rcmed_engine.model.language_model import add_lora as inject
 
     lm = model.config.language_model
-    lora = LoraConfig(r=lm.lora_r, lora_alpha=lm.lora_alpha, lora_dropout=lm.lora_dropout,
-                      target_modules=list(lm.lora_targets), bias="none")
-    inject_adapter_in_model(lora, model.language_model)
-    for name, p in model.language_model.named_parameters():
-        if ".lora_" in name:
-            p.data = p.data.to(device, dtype)
+    inject(model.language_model, lm.lora_r, lm.lora_alpha, lm.lora_dropout, lm.lora_targets)
 
 
 def training_batch(model, batch: int, device: torch.device, dtype: torch.dtype):
@@ -275,7 +270,7 @@ def part_lora_step(rec: Recorder, dry: bool) -> None:
     from rcmed_training.trainer import LossModule, OptimConfig, make_optimizer, set_trainable
 
     model, device, dtype = build_syre(dry)
-    add_lora(model, device, dtype)
+    add_lora(model)
     trainable = set_trainable(model, ["lora", "rcmed"])
     rec.set("trainable_parameters", sum(p.numel() for n, p in model.named_parameters() if n in set(trainable)))
     rec.set("dtype", str(dtype).replace("torch.", ""))
@@ -337,7 +332,7 @@ def part_fsdp(rec: Recorder, dry: bool) -> None:
     rec.set("why_one_process", FSDP_ONE_PROCESS if not dry else "dry run: the same 1-rank code on the CPU (gloo)")
     one_rank_group(device)
     try:
-        add_lora(model, device, dtype)
+        add_lora(model)
         set_trainable(model, ["lora", "rcmed"])
         model.train()
         module = LossModule(model, LossWeights())

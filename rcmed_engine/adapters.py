@@ -65,11 +65,12 @@ class Adapter:
     def from_pretrained(cls, folder: str | Path, model: nn.Module, base: str) -> "Adapter":
         """Read an adapter folder and check it against ``model`` (shapes) and its ``base`` identity."""
         folder = Path(folder)
-        meta = _read_config(folder)
+        peft, meta = _read_config(folder)
         if meta.get("base") != base:
             raise AdapterError(f"adapter {folder} was trained on base weights {meta.get('base')!r}, "
                                f"not on the loaded {base!r}")
         tensors = _read_tensors(folder)
+        _add_missing_lora(model, tensors, peft)
         params = dict(model.named_parameters())
         for key, t in tensors.items():
             if key not in params:
@@ -95,18 +96,20 @@ class Adapter:
                 params[k].data = t
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path) -> tuple[dict, dict]:
+    """The whole adapter_config.json (peft's keys) and its rcmed section."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"not an adapter folder (no {CONFIG_NAME}): {folder}")
     try:
-        meta = json.loads(path.read_text()).get("rcmed")
+        whole = json.loads(path.read_text())
+        meta = whole.get("rcmed")
     except (ValueError, AttributeError) as exc:
         raise AdapterError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or not meta.get("name") or not isinstance(meta.get("classes"), list) \
             or not meta["classes"]:
         raise AdapterError(f"{path} lacks the rcmed section with a name and a list of classes")
-    return meta
+    return whole, meta
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -121,6 +124,22 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None
+
+
+def _add_missing_lora(model: nn.Module, tensors: dict[str, torch.Tensor], peft: dict) -> None:
+    """A LoRA adapter on a base that ships without LoRA layers (syre-7b, merged): add zero ones first,
+    shaped as the adapter's peft keys say. With B = 0 they add exact zeros, so the base's answers stay."""
+    from .model.language_model import add_lora, has_lora
+
+    lm = getattr(model, "language_model", None)
+    if lm is None or has_lora(lm) or not any(".lora_" in k for k in tensors):
+        return
+    try:
+        r, alpha, targets = int(peft["r"]), peft["lora_alpha"], list(peft["target_modules"])
+    except (KeyError, TypeError, ValueError):
+        raise AdapterError("the adapter holds LoRA tensors but its config lacks peft's r, lora_alpha and "
+                           "target_modules") from None
+    add_lora(lm, r, alpha, 0.0, targets)
 
 
 def check_no_overlap(loaded: list[Adapter], new: Adapter) -> None:

@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from rcmed_engine.model.checkpoint import load_checkpoint, save_checkpoint
+from rcmed_engine.model.language_model import add_lora
 from rcmed_engine.model.presets import build_model, load_preset, tiny_config
 from rcmed_engine.model.rcmed import ImageFeatures, RCMed, added_token_rows
 from rcmed_engine.model.tokenizer import IGNORE_INDEX
@@ -221,6 +222,9 @@ def build_training_model(cfg: ModelConfig) -> RCMed:
             load_checkpoint(model, cfg.init_weights)
     else:
         model = load_preset(cfg.preset, cfg.init_weights).model
+    if "lora" in cfg.train:  # syre-7b's released weights have their LoRA merged: train a fresh one on them
+        lm = model.config.language_model
+        add_lora(model.language_model, lm.lora_r, lm.lora_alpha, lm.lora_dropout, lm.lora_targets)
     if cfg.presence_threshold is not None:
         model.config.presence_threshold = float(cfg.presence_threshold)
     return model

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from rcmed_engine.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterError
 from rcmed_engine.engine import Engine
@@ -166,3 +167,49 @@ def test_server_info_lists_adapters(adapter_dir):
     with TestClient(create_app(engine, ServerSettings(token="t"))) as client:
         info = client.get("/v1/info", headers={"Authorization": "Bearer t"}).json()
     assert [(a["name"], a["classes"]) for a in info["adapters"]] == [("rings", ["ring"])]
+
+
+def _merged_release(engine: Engine) -> Engine:
+    """The engine's model with its LoRA layers replaced by their base layers, as syre-7b's released weights
+    come (LoRA merged; the tiny base's B is 0, so merging changes nothing)."""
+    from peft.tuners.lora import LoraLayer
+
+    lm = engine.model.language_model
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent), child, module.base_layer)
+    return engine
+
+
+def test_a_base_without_lora_takes_a_lora_adapter_exactly(adapter_dir):
+    from rcmed_engine.model.language_model import has_lora
+
+    img, _ = _case(adapter_dir.parent.parent / "rings")
+    reference = Engine.from_preset("tiny", device="cpu")
+    reference.load_adapter(str(adapter_dir))
+    merged = _merged_release(Engine.from_preset("tiny", device="cpu"))
+    assert not has_lora(merged.model.language_model)
+    before = {p: merged.segment(img, p, modality="MR").labels for p in ["ring", *OLD]}
+    merged.load_adapter(str(adapter_dir))  # adds zero LoRA layers, then the adapter's are swapped in
+    assert has_lora(merged.model.language_model)
+    for prompt in ["ring", *OLD]:
+        got = merged.segment(img, prompt, modality="MR").labels
+        assert np.array_equal(got, reference.segment(img, prompt, modality="MR").labels), prompt
+        if prompt in OLD:
+            assert np.array_equal(got, before[prompt]), prompt  # the zero layers moved nothing
+    assert not np.array_equal(before["ring"], reference.segment(img, "ring", modality="MR").labels)
+
+
+def test_training_adds_lora_where_the_base_has_none():
+    from rcmed_engine.model.language_model import add_lora, has_lora
+    from rcmed_engine.model.presets import load_preset
+
+    model = _merged_release(Engine(load_preset("tiny"))).model
+    lm = model.language_model
+    ids = torch.arange(12)[None]
+    plain = lm(input_ids=ids).logits
+    cfg = model.config.language_model
+    assert add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets) and has_lora(lm)
+    assert not add_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_targets)  # once only
+    assert torch.equal(lm(input_ids=ids).logits, plain)

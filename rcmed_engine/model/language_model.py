@@ -84,6 +84,28 @@ def _random_llama(cfg: LanguageModelConfig, vocab_size: int) -> PreTrainedModel:
     return LlamaForCausalLM(llama)
 
 
+def has_lora(model: torch.nn.Module) -> bool:
+    return any(".lora_" in name for name, _ in model.named_parameters())
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: tuple[str, ...] | list[str]) -> bool:
+    """Inject peft LoRA layers into ``model`` (in place) where it has none; True if it did.
+
+    peft starts B at zero, so the model's outputs do not change by one bit (each target adds an exact 0).
+    The released syre-7b weights ship with their LoRA merged: this is how it trains LoRA and how it takes a
+    LoRA adapter. The new tensors follow the model's device and dtype.
+    """
+    if has_lora(model):
+        return False
+    ref = next(model.parameters())
+    inject_adapter_in_model(LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout),
+                                       target_modules=list(targets), bias="none"), model)
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.to(ref.device, ref.dtype)
+    return True
+
+
 def build_language_model(
     cfg: LanguageModelConfig, folder: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PromptTokenizer, int]:
@@ -115,8 +137,6 @@ def build_language_model(
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     if cfg.use_lora:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), bias="none")
-        model = inject_adapter_in_model(lora, model)
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.config.use_cache = True
     return model.to(dtype), tokenizer, min(base_vocab, len(tokenizer))
