@@ -820,6 +820,7 @@ def test_stand_in_signatures_follow_slicer_source(env):
     assert T.mismatches(env.slicer.util, T.SLICER_UTIL) == {}
     assert T.mismatches(env.slicer.packaging, T.SLICER_PACKAGING) == {}
     assert T.mismatches(env.slicer.ScriptedLoadableModule, T.SCRIPTED_LOADABLE_MODULE) == {}
+    assert T.mismatches(env.qt, T.QT) == {}
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
     assert T.mismatches(effects.qSlicerSegmentEditorScriptedEffect, T.EFFECT_ADAPTOR) == {}
