@@ -10,8 +10,9 @@ Covered: the panel is built from its .ui and bound to its parameter node; a prom
 off the main thread and lands in a segment named after the target; every segment voxel is checked in RAS on
 oblique/flipped volumes under parent transforms; slice views pick the axis; Cancel; the effect honours the
 editable area and overwrite settings with one undo state per Apply; "Learn from this slice"; dependency
-installation with consent; the headless batch script (Slicer's own volume reader and segmentation writer); the
-Slicer self-test, unpatched.
+installation with consent; adapters picked in the panel (a real tiny adapter: its class routed to it, the base
+classes bit-identical, bad folders refused in one line, a server's adapters listed); the headless batch script
+(Slicer's own volume reader and segmentation writer); the Slicer self-test, unpatched.
 """
 
 from __future__ import annotations
