@@ -322,8 +322,9 @@ def test_adapter_folders_are_validated_before_building(tmp_path):
     unnamed = tmp_path / "unnamed"
     unnamed.mkdir()
     (unnamed / engines.ADAPTER_CONFIG).write_text('{"rcmed": {"classes": []}}')
-    cases = ((tmp_path / "missing", "the adapter folder does not exist"), (empty, "not an adapter folder (no adapter_config.json)"),
-             (broken, "is not valid JSON"), (unnamed, "lacks the rcmed section"))
+    cases = ((tmp_path / "missing", "the adapter folder does not exist"),
+             (empty, "not an adapter folder (no adapter_config.json)"), (broken, "is not valid JSON"),
+             (unnamed, "lacks the rcmed section"))
     for folder, words in cases:
         problems, _ = engines.validate(engines.EngineSpec(preset="tiny", adapters=(str(folder),)))
         assert len(problems) == 1 and words in problems[0] and "\n" not in problems[0], problems

@@ -630,7 +630,8 @@ def test_bad_adapter_is_one_line_and_builds_nothing(env, scene, ring_adapter, tm
     E = env.engines
     built = []
     from_preset = Engine.from_preset.__func__
-    monkeypatch.setattr(Engine, "from_preset", classmethod(lambda cls, *a, **k: built.append(a) or from_preset(cls, *a, **k)))
+    monkeypatch.setattr(Engine, "from_preset",
+                        classmethod(lambda cls, *a, **k: built.append(a) or from_preset(cls, *a, **k)))
     cache = E.EngineCache()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -653,13 +654,14 @@ def test_bad_adapter_is_one_line_and_builds_nothing(env, scene, ring_adapter, tm
     assert "\n" not in str(err.value) and cache.current() == (None, None)
     # in the panel: the problem is the engine line before a run; the load error is the run's one line
     add_volume(env, np.zeros((4, 8, 8), dtype=np.int16))
-    env.RCMedSlicer.RCMedSlicerLogic.saveSettings(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(empty)]))
+    save = env.RCMedSlicer.RCMedSlicerLogic.saveSettings
+    save(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(empty)]))
     w = panel(env)
     assert w.ui.engineStatusLabel.text.startswith(problems[0] + ";")  # then the tiny preset's warning
     w.ui.promptComboBox.setEditText("liver")
     w.ui.applyButton.click()
     assert w.ui.statusLabel.text == "Cannot start: " + problems[0] and not w.poller.running
-    env.RCMedSlicer.RCMedSlicerLogic.saveSettings(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(other)]))
+    save(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(other)]))
     w = panel(env)
     w.ui.applyButton.click()
     wait_until(env, lambda: not w.poller.running, timeout=60)
@@ -692,7 +694,8 @@ def test_panel_adds_and_removes_adapters_and_lists_a_servers(env, scene, ring_ad
     empty.mkdir()
     dialog.answers[:] = [str(empty)]
     ui.addAdapterButton.click()
-    assert adapter_rows(env, w)[1] == (f"empty: not an adapter folder (no adapter_config.json): {empty}", str(empty), True)
+    problem = f"not an adapter folder (no adapter_config.json): {empty}"
+    assert adapter_rows(env, w)[1] == (f"empty: {problem}", str(empty), True)
     assert "not an adapter folder" in ui.engineStatusLabel.text
     ui.adaptersListWidget.item(0).setSelected(True)
     ui.removeAdapterButton.click()
