@@ -160,6 +160,7 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._updatingEngineGui = False
         self._running = None  # (request, inputVolume, outputSegmentation) of the job in flight
+        self._serverAdapters = None  # (server URL, [engines.AdapterInfo]) from the last "Test connection"
         self.poller = None
 
     def setup(self):
@@ -186,6 +187,8 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             w.connect(signal, self.onEngineSettingsChanged)
         self.ui.tokenLineEdit.connect("textChanged(QString)", self.onTokenChanged)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.addAdapterButton.connect("clicked(bool)", self.onAddAdapter)
+        self.ui.removeAdapterButton.connect("clicked(bool)", self.onRemoveAdapter)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
@@ -298,7 +301,8 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = self.ui.promptComboBox.currentText
         wasBlocked = self.ui.promptComboBox.blockSignals(True)
         self.ui.promptComboBox.clear()
-        for choice in s.prompt_choices(engines.trained_vocabulary(s.engine_spec())):
+        spec = s.engine_spec()
+        for choice in s.prompt_choices(engines.prompt_vocabulary(spec, self._serverAdaptersFor(spec) or ())):
             self.ui.promptComboBox.addItem(choice)
         self.ui.promptComboBox.setEditText(current)
         self.ui.promptComboBox.blockSignals(wasBlocked)
@@ -316,8 +320,56 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEngineSettingsChanged(self, *args):
         if self._updatingEngineGui:
             return
-        self.logic.saveSettings(self.engineSettingsFromGui())
+        self._applyEngineSettings(self.engineSettingsFromGui())
+
+    def _applyEngineSettings(self, s):
+        """Save the engine settings and show what follows; the next run builds the engine they name (the engine
+        cache compares specs, adapters included)."""
+        self.logic.saveSettings(s)
         self._updateEngineWidgets()
+        self._fillPromptChoices(s)
+
+    # -- adapters: the folders live in the settings; the list shows them, or a remote server's
+    def onAddAdapter(self):
+        s = self.engineSettingsFromGui()
+        start = os.path.dirname(s.adapters[-1]) if s.adapters else ""
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Choose an RCMed adapter folder", start)
+        if folder:  # "" when the dialog was cancelled
+            self._applyEngineSettings(s.with_adapter(folder))
+
+    def onRemoveAdapter(self):
+        folders = [item.data(qt.Qt.UserRole) for item in self.ui.adaptersListWidget.selectedItems()]
+        self._applyEngineSettings(self.engineSettingsFromGui().without_adapters([f for f in folders if f]))
+
+    def _serverAdaptersFor(self, spec):
+        """The adapters the spec's server listed at its last "Test connection", or None if not asked yet."""
+        url, adapters = self._serverAdapters or ("", None)
+        return adapters if spec.mode == engines.REMOTE and url == spec.normalized().url else None
+
+    def _fillAdapterList(self, s, spec):
+        self.ui.adaptersListWidget.clear()
+        if spec.mode != engines.REMOTE:
+            for folder in s.adapters:
+                adapter = engines.read_adapter(folder)
+                self._addAdapterItem(adapter.label(), adapter.folder, folder)
+            return
+        found = self._serverAdaptersFor(spec)
+        for adapter in found or []:
+            self._addAdapterItem(adapter.label(), adapter.folder)
+        if not found:
+            self._addAdapterItem("press Test connection to list the server's adapters" if found is None
+                                 else "the server has no adapters")
+
+    def _addAdapterItem(self, text, toolTip="", folder=None):
+        """A list row; ``folder`` (as saved in the settings, for Remove) makes it selectable. Rows without one
+        (a server's adapters, notes) are shown read-only: the server's adapters are its own."""
+        item = qt.QListWidgetItem(text)
+        item.setToolTip(toolTip)
+        if folder is None:
+            item.setFlags(qt.Qt.ItemIsEnabled)
+        else:
+            item.setData(qt.Qt.UserRole, folder)
+        self.ui.adaptersListWidget.addItem(item)
 
     def onTokenChanged(self, text):
         engines.set_session_token(text)
@@ -327,10 +379,13 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         remote = bool(self.ui.remoteEngineRadioButton.checked)
         for w in (self.ui.serverUrlLineEdit, self.ui.tokenLineEdit, self.ui.testConnectionButton):
             w.enabled = remote
-        for w in (self.ui.presetRadioButton, self.ui.presetComboBox, self.ui.weightsRadioButton, self.ui.deviceComboBox):
+        for w in (self.ui.presetRadioButton, self.ui.presetComboBox, self.ui.weightsRadioButton, self.ui.deviceComboBox,
+                  self.ui.addAdapterButton, self.ui.removeAdapterButton):
             w.enabled = not remote
         self.ui.weightsPathLineEdit.enabled = (not remote) and bool(self.ui.weightsRadioButton.checked)
-        spec = self.logic.engineSpec(self.engineSettingsFromGui())
+        settings = self.engineSettingsFromGui()
+        spec = self.logic.engineSpec(settings)
+        self._fillAdapterList(settings, spec)
         problems, warnings = engines.validate(spec)
         self.ui.engineStatusLabel.text = "; ".join(problems + warnings) or spec.describe()
 
@@ -348,7 +403,8 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.engineStatusLabel.text = f"cannot install the client's packages: {oneLine(exc)}"
             return
         self.ui.engineStatusLabel.text = f"contacting {spec.url}..."
-        job = jobs.Job(lambda progress, cancel: engines.test_connection(spec), name="RCMed test connection")
+        job = jobs.Job(lambda progress, cancel: engines.probe(spec), name="RCMed test connection")
+        job.serverUrl = spec.normalized().url  # whose adapters the answer lists
         self._startJob(job, kind="connection")
 
     # -- apply
@@ -412,8 +468,7 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         kind = getattr(job, "kind", "segment")
         status = job.status()
         if kind == "connection":
-            self.ui.engineStatusLabel.text = (job.result if status.state == jobs.DONE
-                                              else f"connection failed: {oneLine(job.error)}")
+            self._onConnectionFinished(job, status)
         elif status.state == jobs.DONE:
             request, inputVolume, outputSegmentation = self._running
             try:
@@ -437,6 +492,18 @@ class RCMedSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Failed: {oneLine(job.error)}"
         self._running = None
         self._updateApplyButton()
+
+
+    def _onConnectionFinished(self, job, status):
+        if status.state != jobs.DONE:
+            self.ui.engineStatusLabel.text = f"connection failed: {oneLine(job.error)}"
+            return
+        line, info = job.result
+        self._serverAdapters = (job.serverUrl, engines.server_adapters(info))
+        settings = self.engineSettingsFromGui()
+        self._fillAdapterList(settings, self.logic.engineSpec(settings))
+        self._fillPromptChoices(settings)
+        self.ui.engineStatusLabel.text = line
 
 
 def oneLine(exc):

@@ -45,11 +45,22 @@ class Settings:
     url: str = DEFAULT_URL
     recent_prompts: list[str] = field(default_factory=list)
     learned_classes: list[str] = field(default_factory=list)  # names registered by one-shot adaptation
+    adapters: list[str] = field(default_factory=list)  # adapter folders for a local engine, in loading order
 
     def engine_spec(self, token: str = "") -> EngineSpec:
         return EngineSpec(mode=self.engine_mode, preset=self.preset,
                           weights=self.weights if self.use_weights_folder else "",
-                          device=self.device, url=self.url, token=token)
+                          device=self.device, url=self.url, token=token, adapters=tuple(self.adapters))
+
+    def with_adapter(self, folder: str) -> "Settings":
+        """The adapter folder added at the end (once: the engine refuses two adapters claiming one class)."""
+        folder = str(folder).strip()
+        if not folder or folder in self.adapters:
+            return replace(self, adapters=list(self.adapters))
+        return replace(self, adapters=[*self.adapters, folder])
+
+    def without_adapters(self, folders: list[str] | tuple[str, ...]) -> "Settings":
+        return replace(self, adapters=[a for a in self.adapters if a not in set(folders)])
 
     def with_prompt(self, prompt: str) -> "Settings":
         return replace(self, recent_prompts=push_recent(self.recent_prompts, prompt))
@@ -58,8 +69,8 @@ class Settings:
         return replace(self, learned_classes=push_recent(self.learned_classes, name, limit=200))
 
     def prompt_choices(self, vocabulary: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """What the prompt box offers: recent prompts, then learned classes, then the classes the weights
-        were trained on (``vocabulary``), each once."""
+        """What the prompt box offers: recent prompts, then learned classes, then ``vocabulary`` (the classes
+        of the engine's adapters and those its weights were trained on: engines.prompt_vocabulary), each once."""
         out: list[str] = []
         seen: set[str] = set()
         for choice in (*self.recent_prompts, *self.learned_classes, *vocabulary):
@@ -79,6 +90,7 @@ class Settings:
             PREFIX + "ServerURL": self.url,
             PREFIX + "RecentPrompts": json.dumps(self.recent_prompts),
             PREFIX + "LearnedClasses": json.dumps(self.learned_classes),
+            PREFIX + "AdapterFolders": json.dumps(self.adapters),  # JSON: a folder may hold any separator
         }
 
     @classmethod
@@ -97,6 +109,15 @@ class Settings:
                 return []
             return [clean_prompt(x) for x in v if isinstance(x, str) and clean_prompt(x)] if isinstance(v, list) else []
 
+        def get_paths(key: str) -> list[str]:
+            """Folders exactly as saved (not cleaned like prompts: spaces are part of a path), each once."""
+            try:
+                v = json.loads(get(key, "[]"))
+            except (ValueError, TypeError):
+                return []
+            paths = [x for x in v if isinstance(x, str) and x.strip()] if isinstance(v, list) else []
+            return list(dict.fromkeys(paths))
+
         mode = get("EngineMode", d.engine_mode)
         preset = get("Preset", d.preset)
         device = get("Device", d.device)
@@ -109,4 +130,5 @@ class Settings:
             url=get("ServerURL", d.url) or d.url,
             recent_prompts=get_list("RecentPrompts")[:MAX_RECENT],
             learned_classes=get_list("LearnedClasses"),
+            adapters=get_paths("AdapterFolders"),
         )

@@ -92,6 +92,15 @@ EFFECT_HOOKS = {
 }
 
 
+# Qt's static file dialog, as the panel's adapter "Add…" calls it: qtbase src/widgets/dialogs/qfiledialog.h
+# `static QString getExistingDirectory(QWidget *parent = nullptr, const QString &caption = QString(),
+# const QString &dir = QString(), Options options = ShowDirsOnly)` (Qt 5.15, which Slicer builds, and Qt 6 alike;
+# PythonQt wraps the static and names its parameters as the header does).
+QT = {
+    "QFileDialog.getExistingDirectory": ["parent", "caption", "dir", "options"],
+}
+
+
 def parameters(func) -> list[str]:
     out = []
     for p in inspect.signature(func).parameters.values():

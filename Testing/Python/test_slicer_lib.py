@@ -311,6 +311,56 @@ def test_register_class_adapts_to_the_engine_keyword():
         engines.register_class(FakeEngine(None), "v", "m", "blob", "axial", 0)
 
 
+def test_adapter_folders_are_validated_before_building(tmp_path):
+    """Before any engine is built: each folder exists and declares itself an adapter, each is chosen once; every
+    problem is one line. Remote specs carry no adapters (the server's are its own)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / engines.ADAPTER_CONFIG).write_text("{no json")
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    (unnamed / engines.ADAPTER_CONFIG).write_text('{"rcmed": {"classes": []}}')
+    cases = ((tmp_path / "missing", "the adapter folder does not exist"),
+             (empty, "not an adapter folder (no adapter_config.json)"), (broken, "is not valid JSON"),
+             (unnamed, "lacks the rcmed section"))
+    for folder, words in cases:
+        problems, _ = engines.validate(engines.EngineSpec(preset="tiny", adapters=(str(folder),)))
+        assert len(problems) == 1 and words in problems[0] and "\n" not in problems[0], problems
+        assert engines.read_adapter(str(folder)).label().startswith(folder.name + ": ")
+    problems, _ = engines.validate(engines.EngineSpec(preset="tiny", adapters=(str(empty), str(empty) + "/")))
+    assert problems[-1] == f"the adapter folder is chosen twice: {empty}"
+    remote = engines.EngineSpec(mode="remote", url="http://localhost:1", token="t", adapters=(str(empty),))
+    assert engines.validate(remote) == ([], []) and remote.normalized().adapters == ()
+
+
+def test_adapters_are_part_of_the_engine_identity():
+    plain = engines.EngineSpec(preset="tiny")
+    with_one = engines.EngineSpec(preset="tiny", adapters=("/a", " "))
+    assert with_one.normalized().adapters == ("/a",) and plain.normalized() != with_one.normalized()
+    assert with_one.describe() == "local engine: the 'tiny' preset with 1 adapter on auto"
+    made = []
+    cache = engines.EngineCache(lambda spec: made.append(FakeEngine(spec)) or made[-1])
+    a = cache.get(plain)
+    b = cache.get(with_one)
+    assert b is not a and a.closed and cache.get(engines.EngineSpec(preset="tiny", adapters=("/a",))) is b
+    assert cache.get(engines.EngineSpec(preset="tiny", adapters=("/a", "/b"))) is not b and len(made) == 3
+
+
+def test_server_adapters_and_prompt_vocabulary():
+    info = {"adapters": [{"name": "rings", "folder": "/srv/rings", "classes": ["ring"], "parameters": 9},
+                         {"name": "junk"}, "not a dict"]}
+    found = engines.server_adapters(info)
+    assert found == [engines.AdapterInfo("/srv/rings", "rings", ("ring",))] and found[0].label() == "rings: ring"
+    assert engines.server_adapters({}) == [] and engines.server_adapters({"adapters": "x"}) == []
+    remote = engines.EngineSpec(mode="remote", url="http://h:1")
+    assert engines.prompt_vocabulary(remote, found) == ["ring"]
+    assert engines.prompt_vocabulary(engines.EngineSpec(preset="tiny", adapters=("/no/such",))) == []
+    line, got = engines.probe(remote, lambda spec: SimpleNamespace(info=lambda: info))
+    assert line == "connected: adapters: rings" and got == info
+
+
 def test_remote_client_imports_without_torch():
     """Statically: the modules rcmed_engine.client imports at module level (transitively) never import torch."""
     import ast
@@ -375,6 +425,20 @@ def test_settings_round_trip_without_token():
     assert settings.Settings.from_strings(strings) == s
     spec = s.engine_spec(token="t")
     assert spec.mode == "remote" and spec.token == "t" and spec.weights == "/w"
+
+
+def test_adapter_folders_persist_exactly():
+    """Folders are saved as a JSON list: commas, semicolons, quotes, brackets, double spaces survive."""
+    odd = ["/data/my  adapters/liver, v2", 'C:\\Users\\a;b\\adapter "x"', "/x:y/[z]"]
+    s = settings.Settings(adapters=odd)
+    back = settings.Settings.from_strings(s.to_strings())
+    assert back.adapters == odd and back.engine_spec().adapters == tuple(odd)
+    assert s.with_adapter("/new").with_adapter("/new").adapters == [*odd, "/new"]
+    assert s.with_adapter("  ").adapters == odd
+    assert s.without_adapters([odd[0], "/never"]).adapters == odd[1:]
+    assert settings.Settings(engine_mode="remote", adapters=odd).engine_spec().normalized().adapters == ()
+    assert settings.Settings.from_strings({"RCMed/AdapterFolders": "{not json"}).adapters == []
+    assert settings.Settings.from_strings({"RCMed/AdapterFolders": '[1, "/a", "/a", " ", {}]'}).adapters == ["/a"]
 
 
 def test_settings_fall_back_on_damaged_values():

@@ -10,8 +10,9 @@ Covered: the panel is built from its .ui and bound to its parameter node; a prom
 off the main thread and lands in a segment named after the target; every segment voxel is checked in RAS on
 oblique/flipped volumes under parent transforms; slice views pick the axis; Cancel; the effect honours the
 editable area and overwrite settings with one undo state per Apply; "Learn from this slice"; dependency
-installation with consent; the headless batch script (Slicer's own volume reader and segmentation writer); the
-Slicer self-test, unpatched.
+installation with consent; adapters picked in the panel (a real tiny adapter: its class routed to it, the base
+classes bit-identical, bad folders refused in one line, a server's adapters listed); the headless batch script
+(Slicer's own volume reader and segmentation writer); the Slicer self-test, unpatched.
 """
 
 from __future__ import annotations
@@ -566,6 +567,166 @@ def test_dependency_installation_asks_first(env, scene, monkeypatch):
     assert env.slicer.util.displayLog == []
 
 
+# ------------------------------------------------------------------------------------------------ adapters
+@pytest.fixture(scope="module")
+def ring_adapter(env, tmp_path_factory):
+    """A real adapter for the new class "ring" on the frozen tiny base (test_adapters.py's recipe, ~10 s), and
+    the rings data set it learned from."""
+    from rcmed_training.adapter import fit_adapter
+    from test_adapters import make_rings, ring_cfg
+
+    base = tmp_path_factory.mktemp("adapters")
+    rings = make_rings(base / "rings")
+    return SimpleNamespace(folder=str(fit_adapter(ring_cfg(rings, base / "run"), "rings")), rings=rings)
+
+
+def ring_volume(env, rings):
+    """The rings' held-out case as a volume, in the geometry it was trained in (axial = the array's z)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(next((rings / "imagesTs").glob("*.nii.gz"))))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(next((rings / "labelsTs").glob("*.nii.gz"))))) > 0
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    return add_volume(env, array, directions=np.eye(3), spacing=(1.0, 1.0, 3.0), origin=(0.0, 0.0, 0.0)), truth
+
+
+def dice(a, b):
+    return float(2 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_adapter_spec_round_trips_and_its_engine_routes_the_adapter_class(env, scene, ring_adapter):
+    E = env.engines
+    logic = env.RCMedSlicer.RCMedSlicerLogic(engineCache=E.EngineCache())
+    logic.saveSettings(env.settings.Settings(preset="tiny", device="cpu", adapters=[ring_adapter.folder]))
+    spec = logic.engineSpec()  # read back through QSettings
+    base = E.EngineSpec(**TINY_SPEC_KW)
+    assert spec.adapters == (ring_adapter.folder,) and spec.normalized() != base.normalized()
+    assert E.validate(spec)[0] == []
+    volume, truth = ring_volume(env, ring_adapter.rings)
+    out = {}
+    for name, s in (("base", base), ("adapter", spec)):
+        seg = logic.createOutputSegmentation(volume)
+        out[name] = {p: (logic.process(volume, seg, p, engineSpec=s, modality="MR"), seg) for p in ("ball", "ring")}
+    # a class the base knows: the base model's masks and presence, bit for bit
+    np.testing.assert_array_equal(out["adapter"]["ball"][0].labels, out["base"]["ball"][0].labels)
+    np.testing.assert_array_equal(out["adapter"]["ball"][0].presence, out["base"]["ball"][0].presence)
+    # the adapter's class: its own (better) mask, written into the segment named after it
+    ring, seg = out["adapter"]["ring"]
+    assert not np.array_equal(ring.labels, out["base"]["ring"][0].labels)
+    assert dice(ring.labels > 0, truth) > dice(out["base"]["ring"][0].labels > 0, truth) + 0.2
+    sid = seg.GetSegmentation().GetSegmentIdBySegmentName("ring")
+    np.testing.assert_array_equal(env.slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, volume) > 0, ring.labels > 0)
+    engine = logic.engine(spec)
+    assert [a["name"] for a in engine.info()["adapters"]] == ["rings"] and logic.engine(spec) is engine
+    assert logic.engine(base) is not engine and not logic.engine(base).adapters  # other list, other engine
+
+
+def test_bad_adapter_is_one_line_and_builds_nothing(env, scene, ring_adapter, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from rcmed_engine.engine import Engine
+
+    E = env.engines
+    built = []
+    from_preset = Engine.from_preset.__func__
+    monkeypatch.setattr(Engine, "from_preset",
+                        classmethod(lambda cls, *a, **k: built.append(a) or from_preset(cls, *a, **k)))
+    cache = E.EngineCache()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    spec = E.EngineSpec(**TINY_SPEC_KW, adapters=(str(empty),))
+    problems, _ = E.validate(spec)
+    assert problems == [f"not an adapter folder (no adapter_config.json): {empty}"]
+    with pytest.raises(E.EngineUnavailable, match="not an adapter folder"):
+        cache.get(spec)
+    assert built == [] and cache.current() == (None, None)
+    # valid on disk, refused by the engine: trained on other base weights
+    other = tmp_path / "other"
+    shutil.copytree(ring_adapter.folder, other)
+    meta = json.loads((other / "adapter_config.json").read_text())
+    meta["rcmed"]["base"] = "sha256:" + "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(meta))
+    spec = E.EngineSpec(**TINY_SPEC_KW, adapters=(str(other),))
+    assert E.validate(spec)[0] == []
+    with pytest.raises(E.EngineUnavailable, match="trained on base weights") as err:
+        cache.get(spec)
+    assert "\n" not in str(err.value) and cache.current() == (None, None)
+    # in the panel: the problem is the engine line before a run; the load error is the run's one line
+    add_volume(env, np.zeros((4, 8, 8), dtype=np.int16))
+    save = env.RCMedSlicer.RCMedSlicerLogic.saveSettings
+    save(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(empty)]))
+    w = panel(env)
+    assert w.ui.engineStatusLabel.text.startswith(problems[0] + ";")  # then the tiny preset's warning
+    w.ui.promptComboBox.setEditText("liver")
+    w.ui.applyButton.click()
+    assert w.ui.statusLabel.text == "Cannot start: " + problems[0] and not w.poller.running
+    save(env.settings.Settings(preset="tiny", device="cpu", adapters=[str(other)]))
+    w = panel(env)
+    w.ui.applyButton.click()
+    wait_until(env, lambda: not w.poller.running, timeout=60)
+    assert w.ui.statusLabel.text == f"Failed: {err.value}", w.ui.statusLabel.text
+
+
+def adapter_rows(env, w):
+    """(text, tooltip, selectable) of each row of the panel's adapter list."""
+    lw = w.ui.adaptersListWidget
+    return [(lw.item(i).text(), lw.item(i).toolTip(), bool(lw.item(i).flags() & env.qt.Qt.ItemIsSelectable))
+            for i in range(lw.count)]
+
+
+def test_panel_adds_and_removes_adapters_and_lists_a_servers(env, scene, ring_adapter, tmp_path, monkeypatch):
+    E, dialog = env.engines, env.qt.QFileDialog
+    load = env.RCMedSlicer.RCMedSlicerLogic.loadSettings
+    w = panel(env)
+    ui = w.ui
+    assert ui.adaptersListWidget.count == 0 and ui.promptComboBox.findText("ring") < 0
+    dialog.calls.clear()
+    dialog.answers[:] = [ring_adapter.folder]
+    ui.addAdapterButton.click()
+    assert dialog.calls[-1]["caption"] == "Choose an RCMed adapter folder" and dialog.calls[-1]["dir"] == ""
+    assert load().adapters == [ring_adapter.folder] and w.logic.engineSpec().adapters == (ring_adapter.folder,)
+    assert adapter_rows(env, w) == [("rings: ring", ring_adapter.folder, True)]
+    assert ui.promptComboBox.findText("ring") >= 0  # the adapter's class is suggested
+    ui.addAdapterButton.click()  # cancelled: "" from the dialog, nothing changes
+    assert load().adapters == [ring_adapter.folder] and dialog.calls[-1]["dir"] == os.path.dirname(ring_adapter.folder)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dialog.answers[:] = [str(empty)]
+    ui.addAdapterButton.click()
+    problem = f"not an adapter folder (no adapter_config.json): {empty}"
+    assert adapter_rows(env, w)[1] == (f"empty: {problem}", str(empty), True)
+    assert "not an adapter folder" in ui.engineStatusLabel.text
+    ui.adaptersListWidget.item(0).setSelected(True)
+    ui.removeAdapterButton.click()
+    assert load().adapters == [str(empty)] and ui.promptComboBox.findText("ring") < 0
+    ui.adaptersListWidget.item(0).setSelected(True)
+    ui.removeAdapterButton.click()
+    assert load().adapters == [] and ui.adaptersListWidget.count == 0
+    # remote: the picker is off and the list shows what the server's info lists, read-only
+    dialog.answers[:] = [ring_adapter.folder]
+    ui.addAdapterButton.click()
+    server = E.create_engine(E.EngineSpec(**TINY_SPEC_KW, adapters=(ring_adapter.folder,)))
+    monkeypatch.setattr(E, "create_engine", lambda spec, quick=False: SimpleNamespace(info=server.info))
+    ui.remoteEngineRadioButton.checked = True
+    assert not ui.addAdapterButton.enabled and not ui.removeAdapterButton.enabled
+    assert adapter_rows(env, w) == [("press Test connection to list the server's adapters", "", False)]
+    assert ui.promptComboBox.findText("ring") < 0  # the local adapter is not the server's
+    ui.tokenLineEdit.text = "t"
+    ui.testConnectionButton.click()
+    wait_until(env, lambda: not w.poller.running, timeout=30)
+    assert "adapters: rings" in ui.engineStatusLabel.text
+    assert adapter_rows(env, w) == [("rings: ring", ring_adapter.folder, False)]
+    assert ui.promptComboBox.findText("ring") >= 0 and load().adapters == [ring_adapter.folder]
+    ui.serverUrlLineEdit.text = "http://127.0.0.1:9"
+    w.onEngineSettingsChanged()  # another server: its adapters are not known yet
+    assert adapter_rows(env, w)[0][0].startswith("press Test connection")
+    ui.tokenLineEdit.text = ""
+    ui.localEngineRadioButton.checked = True
+    assert ui.addAdapterButton.enabled and adapter_rows(env, w) == [("rings: ring", ring_adapter.folder, True)]
+    env.RCMedSlicer.RCMedSlicerLogic.saveSettings(env.settings.Settings(preset="tiny", device="cpu"))
+
+
 # ---------------------------------------------------------------------------------------------- the effect
 def editor_with(env, volume):
     slicer = env.slicer
@@ -820,6 +981,7 @@ def test_stand_in_signatures_follow_slicer_source(env):
     assert T.mismatches(env.slicer.util, T.SLICER_UTIL) == {}
     assert T.mismatches(env.slicer.packaging, T.SLICER_PACKAGING) == {}
     assert T.mismatches(env.slicer.ScriptedLoadableModule, T.SCRIPTED_LOADABLE_MODULE) == {}
+    assert T.mismatches(env.qt, T.QT) == {}
     import qSlicerSegmentationsEditorEffectsPythonQt as effects
 
     assert T.mismatches(effects.qSlicerSegmentEditorScriptedEffect, T.EFFECT_ADAPTOR) == {}

@@ -133,6 +133,23 @@ for _name in _WRAPPED_NAMES:
     _wrapped[_name] = wrap_class(_base)
 globals().update(_wrapped)
 
+
+class QFileDialog(wrap_class(QtWidgets.QFileDialog)):
+    """Qt's QFileDialog whose static choosers open no dialog (a modal one would block the tests): each answers
+    the next path a test queued in ``answers``, or "" (what Qt returns when the user cancels), and appends its
+    arguments to ``calls``. Signatures as qtbase src/widgets/dialogs/qfiledialog.h declares them."""
+
+    answers: list[str] = []
+    calls: list[dict] = []
+
+    @staticmethod
+    def getExistingDirectory(parent=None, caption="", dir="", options=QtWidgets.QFileDialog.ShowDirsOnly):
+        QFileDialog.calls.append(dict(parent=parent, caption=caption, dir=dir, options=options))
+        return QFileDialog.answers.pop(0) if QFileDialog.answers else ""
+
+
+_wrapped["QFileDialog"] = QFileDialog
+
 QObject = QtCore.QObject
 Qt = QtCore.Qt
 QSettings = QtCore.QSettings
