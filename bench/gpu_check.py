@@ -264,10 +264,44 @@ def training_batch(model, batch: int, device: torch.device, dtype: torch.dtype):
     return pixels, samples, masks
 
 
+def training_step(model, module, batch: int, device: torch.device, dtype: torch.dtype,
+                  clip: float | None = None) -> Callable[[], float]:
+    """One AdamW step of ``module`` on a fixed batch; returns the loss. The optimizer is ``step.optimizer``."""
+    from rcmed_training.trainer import OptimConfig, make_optimizer
+
+    optimizer, _ = make_optimizer(model.parameters(), OptimConfig(warmup_steps=0, total_steps=10))
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = training_batch(model, batch, device, dtype)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        losses = module(*data)
+        losses["total"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        optimizer.step()
+        return float(losses["total"].detach())
+
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    return step
+
+
+def time_steps(rec: Recorder, step: Callable[[], float], device: torch.device, batch: int, dry: bool) -> None:
+    """Seconds per training step after one warm-up (optimizer state, kernels), samples/s, peak memory."""
+    step()
+    reset_peak(device)
+    steps = 1 if dry else 3
+    sec, loss, _ = sg.timed(lambda: [step() for _ in range(steps)][-1], device)
+    rec.set("loss", loss)
+    rec.set("step_s", sec / steps)
+    rec.set("samples_per_s", batch * steps / sec)
+    rec.set("peak_gib", peak_gib(device))
+
+
 def part_lora_step(rec: Recorder, dry: bool) -> None:
     """One syre-7b LoRA step through the trainer's own pieces: samples per second and peak memory."""
     from rcmed_training.losses import LossWeights
-    from rcmed_training.trainer import LossModule, OptimConfig, make_optimizer, set_trainable
+    from rcmed_training.trainer import LossModule, set_trainable
 
     model, device, dtype = build_syre(dry)
     add_lora(model)
@@ -276,26 +310,9 @@ def part_lora_step(rec: Recorder, dry: bool) -> None:
     rec.set("dtype", str(dtype).replace("torch.", ""))
     model.train()
     module = LossModule(model, LossWeights())
-    optimizer, _ = make_optimizer(model.parameters(), OptimConfig(warmup_steps=0, total_steps=10))
     batch = 2 if dry else 4
     rec.set("batch", batch)
-    data = training_batch(model, batch, device, dtype)
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        losses = module(*data)
-        losses["total"].backward()
-        optimizer.step()
-        return float(losses["total"].detach())
-
-    step()  # warm-up: the first step allocates the optimizer state and picks kernels
-    reset_peak(device)
-    steps = 1 if dry else 3
-    sec, loss, _ = sg.timed(lambda: [step() for _ in range(steps)][-1], device)
-    rec.set("loss", loss)
-    rec.set("step_s", sec / steps)
-    rec.set("samples_per_s", batch * steps / sec)
-    rec.set("peak_gib", peak_gib(device))
+    time_steps(rec, training_step(model, module, batch, device, dtype), device, batch, dry)
 
 
 # ------------------------------------------------------------------------------------------------ FSDP
@@ -325,7 +342,7 @@ def part_fsdp(rec: Recorder, dry: bool) -> None:
     import torch.distributed as dist
     from rcmed_training.losses import LossWeights
     from rcmed_training.sharding import load_sharded, save_sharded, shard_loss_module
-    from rcmed_training.trainer import LossModule, OptimConfig, make_optimizer, set_trainable
+    from rcmed_training.trainer import LossModule, set_trainable
 
     model, device, dtype = build_syre(dry)
     rec.set("world_size", 1)
@@ -342,28 +359,11 @@ def part_fsdp(rec: Recorder, dry: bool) -> None:
         rec.set("shard_s", time.perf_counter() - t0)
         rec.set("fsdp_groups", sum(1 for m in module.modules() if type(m).__name__.startswith("FSDP")))
         rec.set("mixed_precision", "fp32 (CPU)" if dry else "bf16 layers, fp32 gradient reduction")
-        optimizer, _ = make_optimizer(model.parameters(), OptimConfig(warmup_steps=0, total_steps=10))
-        params = [p for p in model.parameters() if p.requires_grad]
         batch = 2 if dry else 4
         rec.set("batch", batch)
-        data = training_batch(model, batch, device, dtype)
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            losses = module(*data)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            return float(losses["total"].detach())
-
-        step()  # warm-up: optimizer state, kernels
-        reset_peak(device)
-        steps = 1 if dry else 3
-        sec, loss, _ = sg.timed(lambda: [step() for _ in range(steps)][-1], device)
-        rec.set("loss", loss)
-        rec.set("step_s", sec / steps)
-        rec.set("samples_per_s", batch * steps / sec)
-        rec.set("peak_gib", peak_gib(device))
+        step = training_step(model, module, batch, device, dtype, clip=1.0)
+        optimizer = step.optimizer
+        time_steps(rec, step, device, batch, dry)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "sharded"
             t0 = time.perf_counter()
