@@ -99,7 +99,6 @@ def blocks(model, device: torch.device, dtype: torch.dtype, batch: int, repeats:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     enc = model.image_encoder
-    e = enc.blocks[0].attn.rel_pos_h.shape[0]  # noqa: F841 (documented shape only)
     grid = model.config.image_encoder.embedding_size
     x = torch.randn(batch, grid, grid, model.config.image_encoder.embed_dim, device=device, dtype=dtype)
     out: dict[str, Any] = {}

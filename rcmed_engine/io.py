@@ -37,7 +37,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -494,16 +494,22 @@ def _check_segments(segments: list[SegmentInfo]) -> None:
             raise LabelmapError(f"segment {s.name!r} colour must be 3 numbers in 0..1, got {c!r}")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON (indented, newline-terminated) to a temporary file beside ``path``, then rename it."""
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it: a reader never meets half a file,
+    and a failed write leaves ``path`` as it was."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        write(tmp)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
     return p
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON (indented, newline-terminated) to a temporary file beside ``path``, then rename it."""
+    return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_labelmap(

@@ -149,7 +149,7 @@ def shard_loss_module(module: nn.Module, device: torch.device, mixed: str = "aut
     masks = []
     for name, keep in row_masks.items():
         p = params[name]
-        p._rcmed_rows_only = True  # make_optimizer: no weight decay (the new parameter lost the mark)
+        p._rcmed_row_mask = keep  # make_optimizer: no weight decay (the new parameter lost the mark)
         local = distribute_tensor(keep.to(device, p.dtype), mesh, p.placements).to_local()
         masks.append((p, local))
     return Sharded(module, masks)

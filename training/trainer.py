@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 
+from rcmed_engine.io import write_atomic
 from rcmed_engine.model.checkpoint import load_checkpoint, save_checkpoint
 from rcmed_engine.model.language_model import add_lora
 from rcmed_engine.model.presets import build_model, load_preset, tiny_config
@@ -265,8 +266,7 @@ def set_trainable(model: RCMed, parts: list[str], lora_layers: int | None = None
         keep = torch.zeros_like(embed[:, :1])
         keep[rows] = 1.0
         embed.register_hook(lambda g: g * keep.to(g))  # only the added tokens' rows learn
-        embed._rcmed_rows_only = True  # type: ignore[attr-defined]
-        embed._rcmed_row_mask = keep  # type: ignore[attr-defined]  (FSDP re-applies it: its parameter drops the hook)
+        embed._rcmed_row_mask = keep  # type: ignore[attr-defined]  (no weight decay; FSDP re-applies it: its parameter drops the hook)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -362,7 +362,7 @@ def make_optimizer(parameters, o: OptimConfig):
     for p in parameters:
         if p.requires_grad:
             # Rows-only embeddings must not decay: AdamW would shrink the frozen base rows too.
-            (no_decay if getattr(p, "_rcmed_rows_only", False) or p.ndim < 2 else decay).append(p)
+            (no_decay if hasattr(p, "_rcmed_row_mask") or p.ndim < 2 else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, o.total_steps))
@@ -373,13 +373,6 @@ def param_digest(model: nn.Module) -> dict[str, str]:
     gathered first (then every rank must call this)."""
     return {n: hashlib.sha256(full(p.detach()).cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
             for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` then rename: a reader never meets half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def checkpoint_folder(folder: str | Path) -> Path:
@@ -412,8 +405,8 @@ class CheckpointMixin:
             return self._save_sharded(folder, include, dtype, meta)
         save_checkpoint(self.model, folder, include=include, dtype=dtype, metadata=meta)
         state = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        _atomic(folder / "trainable.safetensors", lambda p: save_file(state, str(p)))
-        _atomic(folder / "trainer_state.pt", lambda p: torch.save(
+        write_atomic(folder / "trainable.safetensors", lambda p: save_file(state, str(p)))
+        write_atomic(folder / "trainer_state.pt", lambda p: torch.save(
             {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
              "config": self.cfg.to_dict()}, p))
         (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
@@ -427,7 +420,7 @@ class CheckpointMixin:
             save_checkpoint(self.model, folder, include=include, dtype=dtype, metadata=meta, state=state)
         save_sharded(folder / "sharded", self.sharded.module, self.optimizer)
         if self.rank == 0:
-            _atomic(folder / "trainer_state.pt", lambda p: torch.save(
+            write_atomic(folder / "trainer_state.pt", lambda p: torch.save(
                 {"step": self.step, "scheduler": self.scheduler.state_dict(), "config": self.cfg.to_dict(),
                  "strategy": "fsdp"}, p))
             (folder / "train_config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))

@@ -36,18 +36,6 @@ get_rel_pos = modeling.image_encoder.get_rel_pos
 SamBlock = modeling.image_encoder.Block
 
 
-def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """segment-anything's decomposed relative position terms as an additive bias (the reference for tests).
-
-    q: (N, heads, h*w, d), unscaled, as ``add_decomposed_rel_pos`` takes it. Returns (N, heads, h*w, h*w)
-    in q's dtype: bias[q, k] = <q, R_h[qh - kh]> + <q, R_w[qw - kw]>.
-    """
-    n, heads, length, _ = q.shape
-    rel_h, rel_w = _rel_terms(q, rel_pos_h, rel_pos_w, h, w)
-    bias = rel_h.view(n * heads, h, w, h)[..., :, None] + rel_w.view(n * heads, h, w, w)[..., None, :]
-    return bias.reshape(n, heads, length, h * w)
-
-
 def _rel_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, h: int,
                w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, its terms for every key row and key column: (N, heads, h*w, h) and (N, heads, h*w, w)."""
@@ -183,4 +171,4 @@ def enable_naive_path(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["enable_fast_path", "enable_naive_path", "fast_block_forward", "rel_pos_bias"]
+__all__ = ["enable_fast_path", "enable_naive_path", "fast_block_forward"]
